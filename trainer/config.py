@@ -96,7 +96,7 @@ class DataConfig:
     eval_fraction: float = 0.0
     """Hold this fraction of rows out for evaluation (0: no eval split)."""
     limit: int | None = None
-    """Use only the first N rows (after shuffling with the seed)."""
+    """Use only the first N rows of the file."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -127,6 +127,8 @@ class TrainingConfig:
     save_steps: int = 500
     save_total_limit: int | None = 2
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    sample_prompts: list[str] = field(default_factory=list)
+    """Questions answered (greedy) before and after training on rank 0: printed and kept in train_metrics.json."""
     run_name: str | None = None
     wandb_project: str = "scalesft"
 

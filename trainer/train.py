@@ -1,0 +1,254 @@
+"""Train one recipe: QLoRA/LoRA SFT with TRL's SFTTrainer, the same code on 1 process or N.
+
+Usage:
+    python -m trainer.train RECIPE [section.key=value ...]
+    accelerate launch --config_file accelerate_configs/ddp.yaml -m trainer.train RECIPE [overrides]
+    scalesft train RECIPE [overrides]
+
+Order of work: recipe -> hardware checks -> strategy and batch plan -> data (tokenized once, cached) ->
+model -> train (resuming from the newest complete checkpoint in output_dir) -> adapter + metrics.
+Every user error stops here with one line before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Recipe, RecipeError, load_recipe, redacted
+
+
+@dataclass(kw_only=True)
+class Resolved:
+    """Everything decided for this run from the recipe, the hardware and the world size."""
+
+    precision: str
+    compute_dtype: str
+    attn_implementation: str
+    liger: bool
+    strategy: Any
+    batch: Any
+
+
+def resolve(recipe: Recipe, hw=None, strategy=None) -> Resolved:
+    """Hardware-, strategy- and batch-dependent choices. Initialises the process group; loads nothing."""
+    from launch.batch import BatchError, plan_batch
+
+    from . import distributed, hardware
+
+    hw = hw or hardware.detect()
+    hardware.check_quantization(recipe.quantization.bits, hw)
+    prec = hardware.precision(recipe.training.precision, hw)
+    attn = hardware.attention(recipe.model.attn_implementation, hw)
+    liger = hardware.use_liger(recipe.model.liger_kernel, hw)
+    strategy = strategy or distributed.resolve(hw, quantized=bool(recipe.quantization.bits))
+    try:
+        batch = plan_batch(recipe.training.global_batch_size, recipe.training.micro_batch_size, strategy.world_size)
+    except BatchError as e:
+        raise RecipeError(str(e)) from None
+    return Resolved(precision=prec, compute_dtype=hardware.torch_dtype_name(prec), attn_implementation=attn,
+                    liger=liger, strategy=strategy, batch=batch)
+
+
+def load_data(recipe: Recipe, tokenizer, is_main: bool):
+    """(train, eval or None) tokenized datasets; the local main process tokenizes first and caches."""
+    from accelerate import PartialState
+
+    from .data import check_rows, read_rows, tokenize
+
+    rows = read_rows(recipe.data)
+    check_rows(rows, recipe.data)
+    with PartialState().local_main_process_first():
+        dataset, report = tokenize(rows, tokenizer, recipe.data)
+    if is_main:
+        print(f"[scalesft] {report.line()}", flush=True)
+    if recipe.data.eval_fraction > 0:
+        parts = dataset.train_test_split(test_size=recipe.data.eval_fraction, seed=recipe.training.seed)
+        return parts["train"], parts["test"], report
+    return dataset, None, report
+
+
+def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
+    from trl import SFTConfig
+
+    t, d = recipe.training, recipe.data
+    return SFTConfig(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=r.batch.micro_batch_size,
+        per_device_eval_batch_size=r.batch.micro_batch_size,
+        gradient_accumulation_steps=r.batch.gradient_accumulation_steps,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
+        optim=t.optim,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=r.precision == "bf16",
+        fp16=r.precision == "fp16",
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        run_name=t.run_name,
+        max_length=d.max_seq_length,
+        packing=d.packing,
+        packing_strategy="bfd",
+        dataset_num_proc=None,
+        remove_unused_columns=True,
+        **r.strategy.args,
+    )
+
+
+def wandb_environment(recipe: Recipe, output_dir: Path) -> dict[str, str]:
+    """W&B settings for this run: one run id kept in output_dir, so a resumed or requeued job continues the
+    same run; grouped and named by the Slurm job when there is one. Returned, applied by the caller."""
+    id_file = output_dir / "wandb_run_id"
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        import wandb
+
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id)
+    env = {"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow", "WANDB_PROJECT": recipe.training.wandb_project}
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        env["WANDB_RUN_GROUP"] = f"slurm-{job}"
+    return env
+
+
+def latest_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=(), hw=None, strategy=None,
+          resolved: Resolved | None = None) -> dict[str, Any]:
+    """Run training and return the metrics (also written to output_dir/train_metrics.json on rank 0).
+
+    Pass train_dataset (a datasets.Dataset with input_ids and labels) to skip the text pipeline."""
+    import yaml
+    from transformers import set_seed
+
+    from . import generate, metrics
+    from .model import load_model, load_tokenizer, peft_config
+
+    r = resolved or resolve(recipe, hw, strategy)
+    s = r.strategy
+    is_main = s.rank == 0
+    out = Path(recipe.training.output_dir)
+    tokenizer = load_tokenizer(recipe.model)
+    report = None
+    if train_dataset is None:
+        train_dataset, eval_dataset, report = load_data(recipe, tokenizer, is_main)
+    if len(train_dataset) < s.world_size:
+        raise RecipeError(f"{len(train_dataset)} training rows for {s.world_size} processes: every process needs "
+                          "at least one row; use fewer processes or more data")
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(redacted(recipe.to_dict()), allow_unicode=True,
+                                                        sort_keys=False))
+        print("[scalesft] recipe:\n" + yaml.safe_dump(redacted(recipe.to_dict()), allow_unicode=True,
+                                                      sort_keys=False), flush=True)
+        if recipe.training.report_to == "wandb":
+            env = wandb_environment(recipe, out)
+            os.environ.update(env)
+            print(f"[scalesft] wandb run id {env['WANDB_RUN_ID']} (resume=allow)", flush=True)
+    b = r.batch
+    print(f"[scalesft] {s.log_line()} micro_batch={b.micro_batch_size} grad_accum={b.gradient_accumulation_steps} "
+          f"global_batch={b.global_batch_size} precision={r.precision} quant_storage={s.quant_storage} "
+          f"attn={r.attn_implementation} liger={r.liger}", flush=True)
+
+    args = sft_config(recipe, r, has_eval=eval_dataset is not None)
+    model = load_model(recipe.model, recipe.quantization, dtype=r.compute_dtype, attn=r.attn_implementation,
+                       strategy=s, liger=r.liger)
+    samples = recipe.training.sample_prompts
+    before = generate.answers(model, tokenizer, recipe, samples) if samples and is_main else []
+
+    set_seed(recipe.training.seed)  # SFTTrainer attaches LoRA before Trainer seeds: same init on every rank
+    throughput = metrics.ThroughputCallback()
+    trainer = _counting_trainer()(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                 processing_class=tokenizer, peft_config=peft_config(recipe.lora),
+                                 callbacks=[throughput, *callbacks])
+    resume = latest_checkpoint(out)
+    if resume and is_main:
+        print(f"[scalesft] resuming from {resume}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out))
+
+    result = metrics.summarize(trainer, throughput, trainer.loss_tokens, {
+        "gradient_accumulation_steps": b.gradient_accumulation_steps,
+        "micro_batch_size": b.micro_batch_size,
+        "global_batch_size": b.global_batch_size,
+        "strategy": s.name,
+        "precision": r.precision,
+        "resumed_from": resume,
+        "data": report.__dict__ if report else None,
+    })
+    if samples and is_main:
+        after = generate.answers(trainer.model, tokenizer, recipe, samples)
+        result["samples"] = [{"prompt": p, "before": x, "after": y} for p, x, y in zip(samples, before, after)]
+        for row in result["samples"]:
+            print(f"[scalesft] Q: {row['prompt']}\n  before: {row['before']}\n  after:  {row['after']}", flush=True)
+    if is_main:
+        metrics.write(out / "train_metrics.json", result)
+        print(f"[scalesft] done: {result['global_step']} steps, {result['tokens_trained']} loss tokens, "
+              f"{result['tokens_per_second']} tokens/s, peak {result['peak_memory_gib']} GiB, "
+              f"{result['wall_seconds']} s; adapter in {out}", flush=True)
+    return result
+
+
+def _counting_trainer():
+    """Built lazily so that `--help` and recipe errors stay free of the heavy imports."""
+    from trl import SFTTrainer
+
+    class CountingSFTTrainer(SFTTrainer):
+        """SFTTrainer that also counts the tokens that bear loss (non-pad, unmasked, after the shift)."""
+
+        loss_tokens = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                self.loss_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    return CountingSFTTrainer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=10")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        train(recipe)
+    except RecipeError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"scalesft: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -308,6 +308,9 @@ def validate(r: Recipe) -> None:
     for ok, msg in checks:
         if not ok:
             raise RecipeError(msg)
+    from . import templates  # templates imports this module
+
+    templates.check(templates.resolve(d.template, d.format), d.format)
     unknown = set(d.fields) - set(DEFAULT_FIELDS[d.format])
     if unknown:
         raise RecipeError(f"data.fields has {sorted(unknown)}, which format '{d.format}' does not use: "

@@ -1,0 +1,93 @@
+"""scalesft: the friendly front of the trainer and the launcher.
+
+    scalesft train RECIPE [section.key=value ...]        train (one process here; see --gpus/--strategy)
+    scalesft plan RECIPE --nodes N --gpus-per-node G      batch/precision/command per world size
+    scalesft slurm RECIPE --nodes N --gpus-per-node G     render (--dry-run) or submit (--submit) a Slurm job
+    scalesft generate OUTPUT_DIR "question"              answer one prompt, streaming
+    scalesft chat OUTPUT_DIR                              talk to a trained adapter
+    scalesft merge OUTPUT_DIR MERGED_DIR                  base + adapter -> one 16-bit model
+
+Heavy imports happen inside the subcommands, so `scalesft --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.train import main as train_main
+
+    return train_main([args.recipe, *args.overrides])
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from trainer.generate import answer, load_trained
+
+    model, tokenizer, recipe = load_trained(args.output_dir)
+    answer(model, tokenizer, recipe, args.prompt, max_new_tokens=args.max_new_tokens, stream=True,
+           sample=args.sample)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from trainer.generate import answer, load_trained
+
+    model, tokenizer, recipe = load_trained(args.output_dir)
+    print("scalesft chat: type a question, an empty line or Ctrl-D to quit.", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        answer(model, tokenizer, recipe, line.strip(), max_new_tokens=args.max_new_tokens, stream=True,
+               sample=args.sample)
+        print("> ", end="", flush=True)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from trainer.generate import merge
+
+    print(f"merged model written to {merge(args.output_dir, args.merged_dir, dtype=args.dtype)}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scalesft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=10")
+    t.set_defaults(func=_train)
+
+    for name, func in (("generate", _generate), ("chat", _chat)):
+        g = sub.add_parser(name, help=f"{name} with a trained adapter")
+        g.add_argument("output_dir", help="a finished run's training.output_dir")
+        if name == "generate":
+            g.add_argument("prompt")
+        g.add_argument("--max-new-tokens", type=int, default=256)
+        g.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
+        g.set_defaults(func=func)
+
+    m = sub.add_parser("merge", help="merge the adapter into the base model (16-bit)")
+    m.add_argument("output_dir")
+    m.add_argument("merged_dir")
+    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    m.set_defaults(func=_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.config import RecipeError
+
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as e:
+        print(f"scalesft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

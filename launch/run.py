@@ -1,0 +1,105 @@
+"""`scalesft train`: check, render and run one `accelerate launch` on this node.
+
+    scalesft train RECIPE [section.key=value ...] --gpus N --strategy ddp|zero2|zero3|zero3_offload|fsdp2 [--dry-run]
+
+Everything that can be wrong is checked before a process starts (batch divisibility, strategy vs
+quantization, rows vs processes, config files, the main process port). `execute` is the only place in
+scalesft that starts a command: an argv list and an env dict, never a shell string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.batch import plan_batch
+from launch.preflight import check_port, check_rows, count_rows, train_rows
+from launch.render import LaunchCommand, render_launch
+from launch.strategy import STRATEGIES, planned_precision, resolve_qlora
+
+
+def accelerate_executable() -> str:
+    """`accelerate` from PATH, else the one installed next to this Python (an unactivated venv)."""
+    found = shutil.which("accelerate")
+    if found:
+        return "accelerate"
+    sibling = Path(sys.executable).parent / "accelerate"
+    return str(sibling) if sibling.exists() else "accelerate"
+
+
+def execute(cmd: LaunchCommand, *, cwd: str | Path | None = None) -> int:
+    """Run the rendered command with its variables on top of this environment; return its exit status."""
+    return subprocess.run(cmd.argv, env={**os.environ, **cmd.env}, cwd=cwd, check=False).returncode
+
+
+def prepare_train(args: argparse.Namespace) -> LaunchCommand:
+    """All pre-launch checks, then the command. Raises a ValueError subclass with one line on bad input."""
+    from trainer.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = args.gpus
+    if world < 1:
+        raise ValueError(f"--gpus must be >= 1, got {world}")
+    cpu = args.device == "cpu" or (args.device == "auto" and not _cuda_available())
+    plan_batch(recipe.training.global_batch_size, recipe.training.micro_batch_size, world)
+    resolve_qlora(strategy=args.strategy, bits=recipe.quantization.bits,
+                  compute_dtype=recipe.quantization.compute_dtype,
+                  precision=planned_precision(recipe.training.precision, cpu),
+                  gradient_checkpointing=recipe.training.gradient_checkpointing)
+    rows = count_rows(recipe.data.path)
+    if rows is not None:
+        check_rows(train_rows(rows, limit=recipe.data.limit, eval_fraction=recipe.data.eval_fraction), world,
+                   where=f"the training set ({recipe.data.path})")
+    cmd = render_launch(recipe=args.recipe, overrides=args.overrides, strategy=args.strategy, num_processes=world,
+                        main_process_port=args.port, cpu=cpu,
+                        threads_per_process=(os.cpu_count() or 1) // world if cpu else None,
+                        accelerate_config=args.accelerate_config, accelerate=accelerate_executable())
+    if not args.dry_run:
+        check_port(args.port)
+    return cmd
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--gpus", type=int, default=1, help="processes on this node (GPUs, or CPU processes)")
+    p.add_argument("--strategy", default="ddp", choices=list(STRATEGIES))
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: cuda when a GPU is visible, else cpu (gloo)")
+    p.add_argument("--port", type=int, default=29500, help="main process port (0: pick a free one)")
+    p.add_argument("--accelerate-config", default=None, help="use this accelerate config instead of the shipped one")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    return p
+
+
+def train_command(args: argparse.Namespace) -> int:
+    cmd = prepare_train(args)
+    if args.dry_run:
+        print(cmd.shell())
+        return 0
+    print(f"scalesft train: {cmd.shell()}", file=sys.stderr, flush=True)
+    return execute(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_train_arguments(argparse.ArgumentParser(prog="scalesft train", description=__doc__.split("\n")[0]))
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return train_command(args)
+    except ValueError as e:
+        print(f"scalesft train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

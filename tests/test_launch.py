@@ -1,0 +1,194 @@
+"""The launcher without launching: rendered commands (checked by accelerate's own parser), `scalesft plan`,
+`scalesft train --dry-run`, and every bad input refused with one line before any process starts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import yaml
+
+from launch import plan as plan_mod
+from launch import run as run_mod
+from launch.render import LaunchError, render_launch
+from launch.strategy import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR, STRATEGIES, StrategyError, resolve_qlora
+from trainer.tiny import korean_qa_rows
+
+ALL = ["ddp", "zero2", "zero3", "zero3_offload", "fsdp2"]
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(korean_qa_rows(64), ensure_ascii=False), encoding="utf-8")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tmp_path / "no-model-is-loaded")},
+        "data": {"path": str(data), "max_seq_length": 256},
+        "training": {"output_dir": str(tmp_path / "out"), "global_batch_size": 16, "micro_batch_size": 2},
+        "quantization": {"bits": 4},
+    }))
+    return path
+
+
+def accelerate_view(argv):
+    """What `accelerate launch` makes of a rendered argv: its own parser and config validation."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    assert argv[1] == "launch"
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv[2:]))
+    return args
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_render_each_strategy_as_accelerate_reads_it(strategy):
+    cmd = render_launch(recipe="r.yaml", overrides=["training.max_steps=5"], strategy=strategy, num_processes=4)
+    assert all(isinstance(a, str) for a in cmd.argv) and cmd.env == {}  # on GPUs nothing extra is set
+    assert "--cpu" not in cmd.argv  # `accelerate launch --cpu` silently starts ONE process (FACTS.md)
+    a = accelerate_view(cmd.argv)
+    assert a.num_processes == 4 and a.num_machines == 1
+    assert a.module and a.training_script == "trainer.train" and a.training_script_args == ["r.yaml",
+                                                                                            "training.max_steps=5"]
+    spec = STRATEGIES[strategy]
+    assert a.config_file == str(ACCELERATE_CONFIG_DIR / spec.accelerate_config)
+    assert (a.use_deepspeed, a.use_fsdp, a.multi_gpu) == (spec.zero_stage is not None, strategy == "fsdp2",
+                                                          strategy == "ddp")
+    if spec.ds_config:  # absolute, so the launch works from any directory
+        assert a.deepspeed_config_file == str(DS_CONFIG_DIR / spec.ds_config)
+        assert a.zero3_init_flag == (spec.zero_stage == 3)
+    if strategy == "fsdp2":
+        assert int(a.fsdp_version) == 2
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_render_cpu_takes_the_paths_that_work(strategy):
+    """FACTS.md: DDP/FSDP on CPU need ACCELERATE_USE_CPU in the processes (the torchrun path);
+    DeepSpeed must NOT get use_cpu (the trainer passes ddp_backend=gloo instead)."""
+    cmd = render_launch(recipe="r.yaml", strategy=strategy, num_processes=2, cpu=True, threads_per_process=1)
+    if STRATEGIES[strategy].zero_stage is None:
+        assert cmd.env == {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        assert accelerate_view(cmd.argv).multi_gpu or strategy == "fsdp2"  # torchrun, not the simple launcher
+    else:
+        assert cmd.env == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    assert cmd.shell().startswith(" ".join(f"{k}={v}" for k, v in sorted(cmd.env.items())) + " accelerate launch ")
+
+
+def test_render_multi_node():
+    cmd = render_launch(recipe="r.yaml", strategy="zero3", num_processes=16, num_machines=2,
+                        machine_rank="$SLURM_NODEID", main_process_ip="10.0.0.1", main_process_port=29600)
+    a = accelerate_view([c if c != "$SLURM_NODEID" else "1" for c in cmd.argv])
+    assert (a.num_processes, a.num_machines, a.machine_rank, a.main_process_ip, a.main_process_port) == \
+        (16, 2, 1, "10.0.0.1", 29600)
+    with pytest.raises(LaunchError, match="main process address"):
+        render_launch(recipe="r.yaml", num_processes=16, num_machines=2)
+    with pytest.raises(LaunchError, match="do not split evenly"):
+        render_launch(recipe="r.yaml", num_processes=15, num_machines=2, main_process_ip="h")
+
+
+def test_resolve_qlora_per_strategy():
+    kw = dict(bits=4, compute_dtype="auto", precision="bf16", gradient_checkpointing=True)
+    for s in ("ddp", "zero2"):
+        r = resolve_qlora(strategy=s, **kw)
+        assert (r.device_map, r.quant_storage, r.gradient_checkpointing_reentrant) == ("local_rank", "uint8", False)
+    for s in ("zero3", "zero3_offload"):
+        r = resolve_qlora(strategy=s, **kw)
+        assert (r.device_map, r.quant_storage, r.gradient_checkpointing_reentrant) == (None, "bfloat16", True)
+    r = resolve_qlora(strategy="fsdp2", **kw)
+    assert (r.device_map, r.quant_storage, r.gradient_checkpointing_reentrant) == (None, "bfloat16", False)
+    r = resolve_qlora(strategy="ddp", bits=None, compute_dtype="auto", precision="fp32", gradient_checkpointing=False)
+    assert (r.device_map, r.quant_storage, r.gradient_checkpointing_reentrant) == (None, None, None)
+
+
+def test_plan_json(recipe, capsys):
+    rc = plan_mod.main([str(recipe), "--nodes", "1", "2", "--gpus-per-node", "2", "4", "--strategy", "zero3",
+                        "--json", "training.max_steps=7"])
+    assert rc == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [(e["world_size"], e["gradient_accumulation_steps"]) for e in entries] == [(2, 4), (4, 2), (4, 2), (8, 1)]
+    for e in entries:
+        assert {"world_size", "micro_batch_size", "gradient_accumulation_steps", "global_batch_size", "strategy",
+                "command"} <= set(e)
+        assert e["micro_batch_size"] * e["gradient_accumulation_steps"] * e["world_size"] == e["global_batch_size"] == 16
+        assert e["strategy"] == "zero3" and e["steps_per_epoch"] == 4 and e["optimizer_steps"] == 7
+        assert e["max_tokens_per_step"] == 16 * 256
+        assert e["precision"] == "bf16" and e["gradient_checkpointing"] == "reentrant"
+        assert e["qlora"]["quant_storage"] == "bfloat16" and e["qlora"]["device_map"] is None
+        a = accelerate_view([c for c in e["argv"]])
+        assert a.num_processes == e["world_size"] and a.num_machines == e["nodes"]
+        assert a.training_script_args == [str(recipe), "training.max_steps=7"]
+
+
+def test_plan_text(recipe, capsys):
+    assert plan_mod.main([str(recipe), "--gpus-per-node", "2", "--cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "precision fp32" in out and "non-reentrant" in out and 'device_map {"": local_rank}' in out
+    assert "ACCELERATE_USE_CPU=true accelerate launch --config_file" in out
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["2"])
+    assert row[:6] == ["2", "1", "2", "2", "4", "16"]  # world nodes gpus/node micro accum global
+
+
+def test_train_dry_run_prints_the_command(recipe, capsys):
+    assert run_mod.main([str(recipe), "--gpus", "2", "--strategy", "zero2", "--device", "cpu", "--dry-run",
+                         "training.max_steps=3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line
+    assert line.startswith("DS_ACCELERATOR=cpu OMP_NUM_THREADS=")
+    assert "--num_processes 2" in line and line.endswith(f"-m trainer.train {recipe} training.max_steps=3")
+
+
+# ---- bad input: one line on stderr, exit status 2, nothing started -------------------------------------------
+
+def refused(capsys, argv):
+    t = time.perf_counter()
+    rc = run_mod.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and err.startswith("scalesft train: error: ")
+    assert time.perf_counter() - t < 5  # refused up front: no processes, no model
+    return err
+
+
+def test_refuses_a_global_batch_that_does_not_divide(recipe, capsys):
+    err = refused(capsys, [str(recipe), "--gpus", "3", "--device", "cpu"])
+    assert "global_batch_size=16 is not divisible by micro_batch_size (2) x world_size (3)" in err
+    assert "global_batch_size in [12, 18]" in err
+
+
+def test_refuses_a_strategy_that_conflicts_with_quantization(recipe, capsys):
+    for strategy in ("zero3", "fsdp2"):
+        err = refused(capsys, [str(recipe), "--gpus", "2", "--strategy", strategy, "--device", "cpu",
+                               "quantization.bits=8"])
+        assert f"quantization.bits=8 cannot run under {strategy}" in err
+    with pytest.raises(StrategyError, match="unknown strategy 'zero4'"):
+        resolve_qlora(strategy="zero4", bits=None, compute_dtype="auto", precision="fp32",
+                      gradient_checkpointing=True)
+
+
+def test_refuses_more_processes_than_rows(recipe, capsys):
+    err = refused(capsys, [str(recipe), "--gpus", "128", "--device", "cpu", "training.global_batch_size=128",
+                           "training.micro_batch_size=1"])
+    assert "has 64 rows but the launch starts 128 processes" in err
+    err = refused(capsys, [str(recipe), "--gpus", "2", "--device", "cpu", "data.limit=1"])
+    assert "has 1 rows but the launch starts 2 processes" in err
+
+
+def test_refuses_a_busy_main_process_port(recipe, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        err = refused(capsys, [str(recipe), "--gpus", "2", "--device", "cpu", "--port", str(port)])
+    assert f"main process port {port} is already in use" in err and "--port 0" in err
+
+
+def test_refuses_a_missing_accelerate_config(recipe, capsys, tmp_path):
+    err = refused(capsys, [str(recipe), "--gpus", "2", "--device", "cpu", "--dry-run",
+                           "--accelerate-config", str(tmp_path / "nope.yaml")])
+    assert f"accelerate config file '{tmp_path / 'nope.yaml'}' does not exist" in err
+
+
+def test_plan_refuses_with_one_line(recipe, capsys):
+    assert plan_mod.main([str(recipe), "--gpus-per-node", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is not divisible" in err

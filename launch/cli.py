@@ -17,6 +17,10 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.gpus is not None or args.strategy is not None or args.dry_run:  # through accelerate launch
+        from launch.run import train_cli
+
+        return train_cli(args)
     from trainer.train import main as train_main
 
     return train_main([args.recipe, *args.overrides])
@@ -59,7 +63,15 @@ def make_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=10")
+    from launch.run import add_launch_options
+
+    add_launch_options(t)
     t.set_defaults(func=_train)
+
+    from launch.plan import add_plan_arguments, plan_cli
+
+    pl = sub.add_parser("plan", help="micro batch, accumulation, precision, QLoRA settings, command per world size")
+    add_plan_arguments(pl).set_defaults(func=plan_cli)
 
     for name, func in (("generate", _generate), ("chat", _chat)):
         g = sub.add_parser(name, help=f"{name} with a trained adapter")
@@ -81,7 +93,13 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from trainer.config import RecipeError
 
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`train R --gpus 2 training.max_steps=5`): argparse leaves those over.
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except RecipeError as e:

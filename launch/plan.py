@@ -120,14 +120,18 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = add_plan_arguments(argparse.ArgumentParser(prog="scalesft plan", description=__doc__.split("\n")[0]))
-    args = parser.parse_intermixed_args(argv)
+def plan_cli(args: argparse.Namespace) -> int:
+    """plan_command with every user error (RecipeError, BatchError, StrategyError, LaunchError) as one line."""
     try:
         return plan_command(args)
-    except ValueError as e:   # RecipeError, BatchError, StrategyError, LaunchError: one line each
+    except ValueError as e:
         print(f"scalesft plan: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_plan_arguments(argparse.ArgumentParser(prog="scalesft plan", description=__doc__.split("\n")[0]))
+    return plan_cli(parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

@@ -41,12 +41,13 @@ def prepare_train(args: argparse.Namespace) -> LaunchCommand:
     from trainer.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    world = args.gpus
+    world = 1 if args.gpus is None else args.gpus
+    strategy = args.strategy or "ddp"
     if world < 1:
         raise ValueError(f"--gpus must be >= 1, got {world}")
     cpu = args.device == "cpu" or (args.device == "auto" and not _cuda_available())
     plan_batch(recipe.training.global_batch_size, recipe.training.micro_batch_size, world)
-    resolve_qlora(strategy=args.strategy, bits=recipe.quantization.bits,
+    resolve_qlora(strategy=strategy, bits=recipe.quantization.bits,
                   compute_dtype=recipe.quantization.compute_dtype,
                   precision=planned_precision(recipe.training.precision, cpu),
                   gradient_checkpointing=recipe.training.gradient_checkpointing)
@@ -54,7 +55,7 @@ def prepare_train(args: argparse.Namespace) -> LaunchCommand:
     if rows is not None:
         check_rows(train_rows(rows, limit=recipe.data.limit, eval_fraction=recipe.data.eval_fraction), world,
                    where=f"the training set ({recipe.data.path})")
-    cmd = render_launch(recipe=args.recipe, overrides=args.overrides, strategy=args.strategy, num_processes=world,
+    cmd = render_launch(recipe=args.recipe, overrides=args.overrides, strategy=strategy, num_processes=world,
                         main_process_port=args.port, cpu=cpu,
                         threads_per_process=(os.cpu_count() or 1) // world if cpu else None,
                         accelerate_config=args.accelerate_config, accelerate=accelerate_executable())
@@ -69,17 +70,22 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--gpus", type=int, default=1, help="processes on this node (GPUs, or CPU processes)")
-    p.add_argument("--strategy", default="ddp", choices=list(STRATEGIES))
+def add_launch_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The launcher's options (the recipe and overrides positionals are the caller's)."""
+    p.add_argument("--gpus", type=int, default=None, help="processes on this node: GPUs, or CPU processes (default 1)")
+    p.add_argument("--strategy", default=None, choices=list(STRATEGIES), help="default ddp")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto: cuda when a GPU is visible, else cpu (gloo)")
     p.add_argument("--port", type=int, default=29500, help="main process port (0: pick a free one)")
     p.add_argument("--accelerate-config", default=None, help="use this accelerate config instead of the shipped one")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     return p
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return add_launch_options(p)
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -91,14 +97,18 @@ def train_command(args: argparse.Namespace) -> int:
     return execute(cmd)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = add_train_arguments(argparse.ArgumentParser(prog="scalesft train", description=__doc__.split("\n")[0]))
-    args = parser.parse_intermixed_args(argv)
+def train_cli(args: argparse.Namespace) -> int:
+    """train_command with every user error as one line on stderr and exit status 2."""
     try:
         return train_command(args)
     except ValueError as e:
         print(f"scalesft train: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_train_arguments(argparse.ArgumentParser(prog="scalesft train", description=__doc__.split("\n")[0]))
+    return train_cli(parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

@@ -192,3 +192,27 @@ def test_plan_refuses_with_one_line(recipe, capsys):
     assert plan_mod.main([str(recipe), "--gpus-per-node", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is not divisible" in err
+
+
+def test_scalesft_cli_wires_plan_and_train(recipe):
+    """The console script's plan and train subcommands, as a user runs them (overrides after options)."""
+    import subprocess
+    import sys
+
+    from launch.strategy import ROOT
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    out = cli("plan", str(recipe), "--gpus-per-node", "4", "--strategy", "fsdp2", "--json", "training.max_steps=2")
+    assert out.returncode == 0, out.stderr
+    (entry,) = json.loads(out.stdout)
+    assert (entry["world_size"], entry["gradient_accumulation_steps"], entry["strategy"]) == (4, 2, "fsdp2")
+    assert entry["command"].endswith(f"-m trainer.train {recipe} training.max_steps=2")
+    out = cli("train", str(recipe), "--gpus", "2", "--strategy", "ddp", "--device", "cpu", "--dry-run",
+              "training.max_steps=2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ACCELERATE_USE_CPU=true ") and "--num_processes 2" in out.stdout
+    out = cli("train", str(recipe), "--gpus", "3", "--device", "cpu", "--dry-run")
+    assert out.returncode == 2 and out.stderr.strip().startswith("scalesft train: error: training.global_batch_size")

@@ -73,6 +73,12 @@ def make_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="micro batch, accumulation, precision, QLoRA settings, command per world size")
     add_plan_arguments(pl).set_defaults(func=plan_cli)
 
+    from launch.slurm import add_arguments as add_slurm_arguments, run_cli as slurm_cli
+
+    sl = sub.add_parser("slurm", help="render (--dry-run) or submit (--submit) slurm/train.sh for N nodes x G GPUs")
+    add_slurm_arguments(sl)
+    sl.set_defaults(func=slurm_cli)
+
     for name, func in (("generate", _generate), ("chat", _chat)):
         g = sub.add_parser(name, help=f"{name} with a trained adapter")
         g.add_argument("output_dir", help="a finished run's training.output_dir")

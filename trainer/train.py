@@ -132,9 +132,10 @@ def wandb_environment(recipe: Recipe, output_dir: Path) -> dict[str, str]:
 
 
 def latest_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest COMPLETE checkpoint (trainer/preemption.py: transformers writes checkpoints in place)."""
+    from .preemption import latest_complete_checkpoint
 
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    return latest_complete_checkpoint(output_dir)
 
 
 def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=(), hw=None, strategy=None,
@@ -145,7 +146,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     import yaml
     from transformers import set_seed
 
-    from . import generate, metrics
+    from . import generate, metrics, preemption
     from .model import load_model, load_tokenizer, peft_config
 
     r = resolved or resolve(recipe, hw, strategy)
@@ -183,13 +184,23 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
 
     set_seed(recipe.training.seed)  # SFTTrainer attaches LoRA before Trainer seeds: same init on every rank
     throughput = metrics.ThroughputCallback()
+    stopper = preemption.PreemptionCallback()  # USR1/SIGTERM -> all ranks checkpoint at the same step, exit
     trainer = _counting_trainer()(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                  processing_class=tokenizer, peft_config=peft_config(recipe.lora),
-                                 callbacks=[throughput, *callbacks])
+                                 callbacks=[throughput, stopper, *callbacks])
     resume = latest_checkpoint(out)
+    if is_main:
+        for path in preemption.remove_incomplete_after(out, resume):
+            print(f"[scalesft] removed incomplete checkpoint {path}", flush=True)
     if resume and is_main:
         print(f"[scalesft] resuming from {resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
+    if stopper.preempted(trainer.state):
+        if is_main:
+            preemption.write_status(f"preempted step={trainer.state.global_step}")
+            print(f"[scalesft] preempted at step {trainer.state.global_step} of {trainer.state.max_steps}: "
+                  f"checkpoint {latest_checkpoint(out)}; a restart resumes there", flush=True)
+        return {"preempted": True, "global_step": trainer.state.global_step, "resumed_from": resume}
     trainer.save_model(str(out))
 
     result = metrics.summarize(trainer, throughput, trainer.loss_tokens, {
@@ -208,6 +219,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
             print(f"[scalesft] Q: {row['prompt']}\n  before: {row['before']}\n  after:  {row['after']}", flush=True)
     if is_main:
         metrics.write(out / "train_metrics.json", result)
+        preemption.write_status(f"completed step={result['global_step']}")
         print(f"[scalesft] done: {result['global_step']} steps, {result['tokens_trained']} loss tokens, "
               f"{result['tokens_per_second']} tokens/s, peak {result['peak_memory_gib']} GiB, "
               f"{result['wall_seconds']} s; adapter in {out}", flush=True)

@@ -1,0 +1,341 @@
+"""Slurm: render the sbatch invocation of slurm/train.sh, check a job's allocation, print a dry run.
+
+    scalesft slurm RECIPE [section.key=value ...] --nodes N --gpus-per-node G [--partition P --time T
+                   --account A ...] (--dry-run | --submit)
+
+`render_sbatch` is pure: it returns the sbatch argv and the variables to add to the environment; `submit` is
+the one place that runs it. The template reads the variables (SCALESFT_*) in the batch step, and calls
+`python -m launch.slurm preflight` there to check the allocation against them before any node starts.
+No torch import here.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "slurm" / "train.sh"
+PROFILES = ROOT / "slurm" / "profiles"
+
+# Filesystems that every node of a cluster sees the same way. Anything else (ext4, xfs, tmpfs, overlay...)
+# is assumed node-local: a checkpoint written there is invisible to a requeued job on another node.
+SHARED_FS_TYPES = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "cephfs", "ceph",
+                   "glusterfs", "fuse.glusterfs", "panfs", "wekafs", "fuse.weka", "orangefs", "pvfs2",
+                   "9p", "virtiofs", "fuse.sshfs", "fuse.s3fs", "fuse.juicefs", "fuse.cephfs", "quobyte",
+                   "fuse.quobyte", "exafs", "vast", "fuse.vast"}
+
+
+class SlurmError(ValueError):
+    """A Slurm submission or allocation that cannot work: one line with the fix."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SbatchCommand:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables set on top of the submitting environment (sbatch --export=ALL passes them to the job)."""
+
+    def shell(self) -> str:
+        """One copy-pasteable line (for printing only; never executed as a string)."""
+        return " ".join([f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+                        + [shlex.quote(a) for a in self.argv])
+
+
+def render_sbatch(*, recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), nodes: int,
+                  gpus_per_node: int, procs_per_node: int | None = None, partition: str | None = None,
+                  time: str | None = None, account: str | None = None, qos: str | None = None,
+                  job_name: str | None = None, output: str | None = None, signal_seconds: int | None = None,
+                  profile: str | None = None, accelerate_config: str | Path | None = None,
+                  ds_config: str | Path | None = None, extra_sbatch_args: list[str] | tuple[str, ...] = (),
+                  python: str | None = None, template: str | Path = TEMPLATE,
+                  home: str | Path = ROOT) -> SbatchCommand:
+    """The sbatch invocation that trains `recipe` on `nodes` x `gpus_per_node` (0: CPU nodes, one process
+    each unless procs_per_node says otherwise). Options left None keep the template's #SBATCH default.
+    python: the interpreter every node runs (default: the profile's, python3 on the job's PATH)."""
+    for name, value, low in (("nodes", nodes, 1), ("gpus_per_node", gpus_per_node, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise SlurmError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+    if procs_per_node is not None:
+        if procs_per_node < 1:
+            raise SlurmError(f"--procs-per-node must be >= 1, got {procs_per_node}")
+        if gpus_per_node and procs_per_node > gpus_per_node:
+            raise SlurmError(f"--procs-per-node {procs_per_node} exceeds --gpus-per-node {gpus_per_node}: "
+                             "one process drives one GPU")
+    if signal_seconds is not None and signal_seconds < 1:
+        raise SlurmError(f"--signal-seconds must be >= 1, got {signal_seconds}")
+    argv = ["sbatch", f"--nodes={nodes}"]
+    if gpus_per_node:
+        argv.append(f"--gpus-per-node={gpus_per_node}")
+    for opt, value in (("partition", partition), ("time", time), ("account", account), ("qos", qos),
+                       ("job-name", job_name), ("output", output)):
+        if value:
+            argv.append(f"--{opt}={value}")
+    if signal_seconds is not None:
+        argv.append(f"--signal=B:USR1@{signal_seconds}")
+    argv += [*extra_sbatch_args, "--export=ALL", str(template), str(recipe), *overrides]
+    env = {"SCALESFT_HOME": str(home), "SCALESFT_NODES": str(nodes), "SCALESFT_GPUS_PER_NODE": str(gpus_per_node)}
+    if procs_per_node is not None:
+        env["SCALESFT_PROCS_PER_NODE"] = str(procs_per_node)
+    if profile:
+        env["SCALESFT_PROFILE"] = str(profile)
+    if accelerate_config:
+        env["SCALESFT_ACCELERATE_CONFIG"] = str(accelerate_config)
+    if ds_config:
+        env["SCALESFT_DS_CONFIG"] = str(ds_config)
+    if python:
+        env["SCALESFT_PYTHON"] = str(python)
+    return SbatchCommand(argv=argv, env=env)
+
+
+# ---------------------------------------------------------------- checks (submit time and in the batch step)
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Allocation:
+    nodes: int
+    procs_per_node: int
+    device: str
+    """gpu or cpu"""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+def _int(env: Mapping[str, str], key: str) -> int | None:
+    value = env.get(key, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value.split("(")[0])  # SLURM_* counts may read "8(x2)"
+    except ValueError:
+        raise SlurmError(f"{key}={value!r} is not an integer") from None
+
+
+def visible_gpus(env: Mapping[str, str]) -> int:
+    """GPUs this node's job can use: Slurm's count when it allocated GPUs, else CUDA_VISIBLE_DEVICES, else
+    nvidia-smi, else 0."""
+    count = _int(env, "SLURM_GPUS_ON_NODE")
+    if count is not None:
+        return count
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
+
+
+def resolve_allocation(env: Mapping[str, str], gpus: int) -> Allocation:
+    """Processes per node from the allocation (`gpus` visible on this node), checked against what the
+    submitter asked for (SCALESFT_NODES / SCALESFT_GPUS_PER_NODE / SCALESFT_PROCS_PER_NODE). Pure."""
+    nodes = _int(env, "SLURM_NNODES") or 1
+    asked_nodes = _int(env, "SCALESFT_NODES")
+    if asked_nodes is not None and asked_nodes != nodes:
+        raise SlurmError(f"asked for {asked_nodes} node(s) but the allocation has {nodes} (SLURM_NNODES): "
+                         f"submit with --nodes={asked_nodes} or set SCALESFT_NODES={nodes}")
+    asked_gpus = _int(env, "SCALESFT_GPUS_PER_NODE")
+    if asked_gpus is not None and asked_gpus != gpus:
+        raise SlurmError(f"asked for {asked_gpus} GPU(s) per node but the node has {gpus} in this allocation: "
+                         f"submit with --gpus-per-node={asked_gpus} (or the cluster's --gres=gpu:{asked_gpus}), "
+                         f"or set SCALESFT_GPUS_PER_NODE={gpus}")
+    procs = _int(env, "SCALESFT_PROCS_PER_NODE")
+    if procs is None:
+        procs = gpus or 1
+    if procs < 1:
+        raise SlurmError(f"SCALESFT_PROCS_PER_NODE must be >= 1, got {procs}")
+    if gpus and procs > gpus:
+        raise SlurmError(f"SCALESFT_PROCS_PER_NODE={procs} but the node has {gpus} GPU(s): one process per GPU")
+    return Allocation(nodes=nodes, procs_per_node=procs, device="gpu" if gpus else "cpu")
+
+
+def filesystem_type(path: str | Path, mounts: str | None = None) -> tuple[str, str]:
+    """(fs type, mount point) of the filesystem that holds `path` (or would, once created)."""
+    p = Path(os.path.abspath(path))
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return "unknown", "/"
+    best = ("unknown", "")
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (str(p) == mnt or str(p).startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[1]):
+            best = (parts[2], mnt)
+    return best[0], best[1] or "/"
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Raise SlurmError unless output_dir exists as a writable folder or can be created. Probes with a real
+    file (root passes os.access checks on read-only mounts). Leaves nothing behind."""
+    out = Path(os.path.abspath(output_dir))
+    probe_dir = out
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise SlurmError(f"training.output_dir '{out}' is not writable: '{probe_dir}' is a file, not a folder; "
+                         "choose another training.output_dir")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".scalesft-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        what = "it" if probe_dir == out else f"its parent '{probe_dir}'"
+        raise SlurmError(f"training.output_dir '{out}' is not writable ({what}: {e.strerror}): choose a folder "
+                         "on a shared filesystem you can write, e.g. training.output_dir=$HOME/runs/NAME") from None
+
+
+def node_local_warning(output_dir: str | Path, nodes: int, mounts: str | None = None) -> str | None:
+    """A warning when a multi-node job would keep its checkpoints on a node-local filesystem."""
+    fstype, mnt = filesystem_type(output_dir, mounts)
+    if nodes > 1 and fstype not in SHARED_FS_TYPES and not fstype.startswith("fuse."):
+        return (f"warning: training.output_dir '{output_dir}' is on a node-local filesystem ({fstype} at {mnt}): "
+                f"with {nodes} nodes only the first node's copy holds the checkpoints, and a requeued job that "
+                "lands on other nodes will not find them; use a shared filesystem (NFS, Lustre, GPFS, ...)")
+    return None
+
+
+def preflight(recipe_path: str, overrides: list[str], env: Mapping[str, str] | None = None,
+              gpus: int | None = None) -> tuple[Allocation, list[str]]:
+    """The checks the batch step runs before it starts any node: (allocation, warnings). Raises RecipeError or
+    SlurmError."""
+    from trainer.config import RecipeError, load_recipe
+
+    env = os.environ if env is None else env
+    if not Path(recipe_path).is_file():
+        raise RecipeError(f"recipe '{recipe_path}' does not exist on {os.uname().nodename} (cwd {os.getcwd()}): "
+                          "put it on a filesystem every node mounts and pass that path")
+    recipe = load_recipe(recipe_path, overrides)
+    alloc = resolve_allocation(env, visible_gpus(env) if gpus is None else gpus)
+    check_output_dir(recipe.training.output_dir)
+    warnings = [w for w in [node_local_warning(recipe.training.output_dir, alloc.nodes)] if w]
+    return alloc, warnings
+
+
+# ---------------------------------------------------------------- dry run and submission
+
+def dry_run(cmd: SbatchCommand) -> str:
+    """The sbatch invocation, and what the template would run on such an allocation: the template itself is
+    executed in its dry-run mode with the allocation simulated (SLURM_NNODES, SLURM_GPUS_ON_NODE)."""
+    env = {**os.environ, **cmd.env, "SCALESFT_DRY_RUN": "1", "SLURM_NNODES": cmd.env["SCALESFT_NODES"],
+           "SLURM_JOB_ID": "0", "SCALESFT_MAIN_HOST": "<first-node>"}
+    env.pop("SLURM_JOB_NODELIST", None)
+    if int(cmd.env["SCALESFT_GPUS_PER_NODE"]):
+        env["SLURM_GPUS_ON_NODE"] = cmd.env["SCALESFT_GPUS_PER_NODE"]
+    else:
+        env.pop("SLURM_GPUS_ON_NODE", None)
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    i = cmd.argv.index("--export=ALL")
+    template, script_args = cmd.argv[i + 1], cmd.argv[i + 2:]
+    p = subprocess.run(["bash", template, *script_args], env=env, capture_output=True, text=True,
+                       cwd=cmd.env.get("SCALESFT_HOME"))
+    if p.returncode:
+        raise SlurmError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"template failed ({p.returncode})")
+    return (f"# submit:\n{cmd.shell()}\n# the batch step then runs (on a {cmd.env['SCALESFT_NODES']}-node "
+            f"allocation):\n{p.stderr}{p.stdout}")
+
+
+def submit(cmd: SbatchCommand) -> str:
+    """Run sbatch; return the job id. The one call site that submits."""
+    p = subprocess.run([*cmd.argv[:1], "--parsable", *cmd.argv[1:]], env={**os.environ, **cmd.env},
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SlurmError(f"sbatch failed ({p.returncode}): {p.stderr.strip()}")
+    return p.stdout.strip().split(";")[0]
+
+
+def add_arguments(p) -> None:
+    """The `scalesft slurm` options (launch/cli.py adds the subparser)."""
+    p.add_argument("recipe", help="path to a YAML recipe, on a filesystem every node mounts")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=10")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="0 for CPU nodes")
+    p.add_argument("--procs-per-node", type=int, help="default: one per GPU (one per node without GPUs)")
+    p.add_argument("--partition")
+    p.add_argument("--time", help="time limit, e.g. 04:00:00")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--job-name")
+    p.add_argument("--output", help="log file pattern (default slurm-%%x-%%j.out)")
+    p.add_argument("--signal-seconds", type=int, help="USR1 this many seconds before the time limit (default 120)")
+    p.add_argument("--profile", help="cluster profile: a name in slurm/profiles/ or a path (default: default)")
+    p.add_argument("--strategy", default="ddp", help="ddp, zero2, zero3, zero3_offload, fsdp2")
+    p.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch option, repeatable")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--dry-run", action="store_true", help="print the sbatch invocation and the launch; submit nothing")
+    mode.add_argument("--submit", action="store_true")
+
+
+def run_cli(args) -> int:
+    """`scalesft slurm`: check, render, then print (--dry-run) or submit (--submit)."""
+    from launch.strategy import StrategyError
+
+    try:
+        return _run_cli(args)
+    except (SlurmError, StrategyError) as e:
+        print(f"scalesft: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_cli(args) -> int:
+    from trainer.config import RecipeError, load_recipe
+
+    from launch.strategy import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR, get_strategy
+
+    if not Path(args.recipe).is_file():
+        raise RecipeError(f"recipe '{args.recipe}' does not exist: pass a path to a YAML recipe on a filesystem "
+                          "every node mounts")
+    recipe = load_recipe(args.recipe, args.overrides)   # RecipeError -> the CLI prints one line
+    spec = get_strategy(args.strategy)
+    check_output_dir(recipe.training.output_dir)
+    warning = node_local_warning(recipe.training.output_dir, args.nodes)
+    if warning:
+        print(f"scalesft: {warning}", file=sys.stderr)
+    cmd = render_sbatch(
+        recipe=os.path.abspath(args.recipe), overrides=args.overrides, nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node, partition=args.partition,
+        time=args.time, account=args.account, qos=args.qos, job_name=args.job_name, output=args.output,
+        signal_seconds=args.signal_seconds, profile=args.profile,
+        accelerate_config=None if spec.name == "ddp" else ACCELERATE_CONFIG_DIR / spec.accelerate_config,
+        ds_config=DS_CONFIG_DIR / spec.ds_config if spec.ds_config else None,
+        extra_sbatch_args=args.sbatch_arg, python=os.environ.get("SCALESFT_PYTHON") or sys.executable)
+    if args.dry_run:
+        print(dry_run(cmd), end="")
+        return 0
+    print(f"submitted job {submit(cmd)}: {cmd.shell()}")
+    return 0
+
+
+def _preflight_main(argv: list[str]) -> int:
+    from trainer.config import RecipeError
+
+    if not argv:
+        print("usage: python -m launch.slurm preflight RECIPE [overrides]", file=sys.stderr)
+        return 2
+    try:
+        alloc, warnings = preflight(argv[0], argv[1:])
+    except (RecipeError, SlurmError) as e:
+        print(f"scalesft-slurm: error: {e}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"scalesft-slurm: {w}", file=sys.stderr)
+    print(alloc.procs_per_node, alloc.device)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "preflight":
+        sys.exit(_preflight_main(sys.argv[2:]))
+    print("usage: python -m launch.slurm preflight RECIPE [overrides]  (or: scalesft slurm --help)", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,137 @@
+#!/bin/bash
+# scalesft on Slurm: one template for 1..N nodes. Submit it directly or through `scalesft slurm`:
+#
+#   sbatch --nodes=2 --gpus-per-node=8 slurm/train.sh RECIPE [section.key=value ...]
+#   scalesft slurm RECIPE --nodes 2 --gpus-per-node 8 --submit      # same, with checks; --dry-run prints it
+#
+# The #SBATCH lines below are defaults; options on the sbatch command line override them. They hold no
+# shell variables: bash does not expand them there, and sbatch reads them before any shell runs.
+#
+# What it does: one srun task per node, each running `accelerate launch` with --machine_rank "$SLURM_NODEID"
+# evaluated ON that node, --num_processes = nodes x processes per node (from the allocation: GPUs on the
+# node, or SCALESFT_PROCS_PER_NODE), the main process on the first host of `scontrol show hostnames`.
+#
+# Preemption: USR1 (sent by Slurm --signal=B:USR1@120 before the time limit, or by
+# `scancel --signal=USR1 --batch JOB`) is forwarded to the trainers, which agree to stop at the next
+# optimizer step, write a complete checkpoint and exit; this script then requeues the job, and the trainer
+# resumes from the newest complete checkpoint. SIGTERM (preemption by the scheduler, scancel) makes the
+# trainers checkpoint and exit the same way; Slurm requeues a preempted --requeue job itself.
+#
+# Settings (environment; a cluster profile, slurm/profiles/*.env, holds the cluster-specific ones):
+#   SCALESFT_PROFILE           profile name in slurm/profiles/ or a path (default: default)
+#   SCALESFT_HOME              the scalesft checkout to run from (default: the submit directory)
+#   SCALESFT_PROCS_PER_NODE    processes per node (default: GPUs allocated on the node; 1 without GPUs)
+#   SCALESFT_NODES, SCALESFT_GPUS_PER_NODE   what the submitter asked for; checked against the allocation
+#   SCALESFT_ACCELERATE_CONFIG accelerate config (default: $SCALESFT_HOME/accelerate_configs/ddp.yaml)
+#   SCALESFT_DS_CONFIG         DeepSpeed json for a DeepSpeed accelerate config (optional)
+#   SCALESFT_DRY_RUN=1         print the resolved launch and exit (used by `scalesft slurm --dry-run`)
+#
+#SBATCH --job-name=scalesft
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -uo pipefail
+
+log() { echo "[scalesft-slurm $(date -u +%H:%M:%S)] $*"; }
+die() { echo "scalesft-slurm: error: $*" >&2; exit 2; }
+
+[[ $# -ge 1 ]] || die "usage: sbatch [sbatch options] slurm/train.sh RECIPE [section.key=value ...]"
+recipe=$1
+shift
+
+# Paths in the recipe resolve against the working directory (sbatch's default: the submit directory).
+home=${SCALESFT_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+[[ -d $home/trainer ]] || die "SCALESFT_HOME '$home' is not a scalesft checkout on $(hostname): set SCALESFT_HOME"
+profile=${SCALESFT_PROFILE:-default}
+[[ $profile == */* ]] || profile=$home/slurm/profiles/$profile.env
+[[ -f $profile ]] || die "cluster profile '$profile' does not exist (SCALESFT_PROFILE names a file in slurm/profiles/ or a path)"
+# shellcheck source=profiles/default.env
+source "$profile"
+export PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}"
+
+# Preflight on the batch node: the recipe loads, output_dir is writable, the allocation matches what was asked
+# for. Prints "PROCS_PER_NODE DEVICE" (DEVICE: gpu or cpu).
+plan=$("$SCALESFT_PYTHON" -m launch.slurm preflight "$recipe" "$@") || exit 2
+read -r procs device <<<"$plan"
+nodes=${SLURM_NNODES:-1}
+world=$((nodes * procs))
+if [[ -n ${SCALESFT_MAIN_HOST:-} ]]; then
+    main_host=$SCALESFT_MAIN_HOST
+else
+    main_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+fi
+accelerate_config=${SCALESFT_ACCELERATE_CONFIG:-$home/accelerate_configs/ddp.yaml}
+[[ -f $accelerate_config ]] || die "accelerate config '$accelerate_config' does not exist"
+
+if [[ $device == cpu ]]; then
+    # Without a GPU the processes must be told to use the CPU (gloo): `use_cpu` in a config file never
+    # reaches them. DeepSpeed has its own switch.
+    if [[ -n ${SCALESFT_DS_CONFIG:-} ]]; then export DS_ACCELERATOR=cpu; else export ACCELERATE_USE_CPU=true; fi
+fi
+
+# Where rank 0 (on this node: machine rank 0 is the first node, where the batch step runs) reports how the
+# run ended, and where this script asks it to stop even if a signal came before the trainers listened.
+state_dir=${TMPDIR:-/tmp}/scalesft-${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}
+export SCALESFT_STATUS_FILE=$state_dir/status SCALESFT_STOP_FILE=$state_dir/stop SCALESFT_RECIPE=$recipe
+
+launch_args=(--config_file "$accelerate_config" --num_machines "$nodes" --num_processes "$world"
+             --main_process_ip "$main_host" --main_process_port "$SCALESFT_MAIN_PORT"
+             --rdzv_backend static --max_restarts 0 --monitor_interval 1)
+[[ -z ${SCALESFT_DS_CONFIG:-} ]] || launch_args+=(--deepspeed_config_file "$SCALESFT_DS_CONFIG")
+# Evaluated on each node: the machine rank is that node's SLURM_NODEID. The launcher ignores USR1 (its
+# workers, the trainers, handle it); a recipe missing on a node fails there with a clear line.
+# shellcheck disable=SC2016
+node_cmd='trap "" USR1; [[ -r $SCALESFT_RECIPE ]] || { echo "scalesft-slurm: error: recipe $SCALESFT_RECIPE is not readable on node $SLURMD_NODENAME: put it on a filesystem every node mounts" >&2; exit 2; }; exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"'
+# shellcheck disable=SC2206
+srun_args=(srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 $SCALESFT_SRUN_ARGS)
+node_args=("$SCALESFT_PYTHON" "${launch_args[@]}" -m trainer.train "$recipe" "$@")
+step=("${srun_args[@]}" bash -c "$node_cmd" "${node_args[@]}")
+
+log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $procs process(es) ($device) = $world; main $main_host:$SCALESFT_MAIN_PORT; profile $profile"
+if [[ ${SCALESFT_DRY_RUN:-0} == 1 ]]; then
+    for var in ACCELERATE_USE_CPU DS_ACCELERATOR NCCL_NVLS_ENABLE TORCH_NCCL_ASYNC_ERROR_HANDLING; do
+        [[ -z ${!var:-} ]] || printf 'export %s=%q\n' "$var" "${!var}"
+    done
+    printf '%q ' "${srun_args[@]}"
+    printf "bash -c '%s' " "$node_cmd"   # single-quoted as it is: evaluated on each node
+    printf '%q ' "${node_args[@]}"
+    echo
+    exit 0
+fi
+
+mkdir -p "$state_dir"
+rm -f "$SCALESFT_STATUS_FILE" "$SCALESFT_STOP_FILE"
+stop_signal=
+on_signal() {  # forward to the launch step: srun delivers it to every process of the step on every node
+    stop_signal=$1
+    log "got SIG$1: the trainers checkpoint at the next optimizer step and exit"
+    : >"$SCALESFT_STOP_FILE"
+    [[ -z ${step_pid:-} ]] || kill -s "$1" "$step_pid" 2>/dev/null || true
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
+# In the background + wait: bash runs a trap only between commands, so a foreground srun would defer it.
+"${step[@]}" &
+step_pid=$!
+while :; do
+    wait "$step_pid"
+    rc=$?
+    # > 128 with the step still there: wait was interrupted by a trap; keep waiting.
+    if (( rc > 128 )) && kill -0 "$step_pid" 2>/dev/null; then continue; fi
+    break
+done
+status=$(cat "$SCALESFT_STATUS_FILE" 2>/dev/null || echo "none")
+log "launch step exited with $rc; trainer status: $status"
+if [[ $stop_signal == USR1 && $status == preempted* ]]; then
+    log "requeueing job $SLURM_JOB_ID: it resumes from the checkpoint just written"
+    rm -rf "$state_dir"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+rm -rf "$state_dir"
+exit "$rc"

@@ -1,14 +1,28 @@
-"""Which distributed strategy this process runs under, read from accelerate's state, and what it implies
-for model loading and the training arguments.
+"""Which distributed strategy this process runs under, read from accelerate, and what it implies for model
+loading, the training arguments and saving. The one place where DDP / ZeRO-2 / ZeRO-3 / FSDP2 differ.
 
-First version: single process and DDP (GPU, or CPU/gloo). ZeRO and FSDP2 are resolved by the launcher work.
+    resolve(hw, recipe, precision)   before the model loads: what `accelerate launch` asked for (accelerate's
+                                     own plugins read its launch variables), the process group, and the load
+                                     settings (device_map, bnb_4bit_quant_storage, checkpoint reentrancy)
+    prepare_trainer(trainer, s)      after the Trainer is built: accelerate's state must match (FSDP2 on CPU
+                                     is forced here: accelerate 1.15 only enables FSDP on GPUs)
+    rank_report(trainer, s, out)     after training: what each rank really ran (ZeRO stage of the engine,
+                                     sharded DTensor parameters) and a hash of the full adapter it holds
+
+CPU paths (FACTS.md): DDP and FSDP2 use a gloo process group from use_cpu; DeepSpeed needs
+ddp_backend="gloo" and neither use_cpu nor deepspeed= in the training arguments.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from .config import RecipeError
 from .hardware import Hardware
 
 
@@ -21,9 +35,15 @@ class Strategy:
     local_rank: int
     device: str
     device_map: Any = None
-    """For from_pretrained: quantized models under single/DDP/ZeRO-2 live whole on this rank's device."""
+    """For from_pretrained: quantized models under single/DDP/ZeRO-2 live whole on this rank's device;
+    None under ZeRO-3/FSDP2, which place (shard) the weights themselves."""
     quant_storage: str | None = None
     """bnb_4bit_quant_storage: the compute dtype under ZeRO-3/FSDP2 so the 4-bit weights can be sharded."""
+    zero_stage: int | None = None
+    fsdp_version: int | None = None
+    reentrant: bool = False
+    """Activation checkpointing reentrancy: reentrant under ZeRO-3 (transformers forces it for PEFT models),
+    non-reentrant everywhere else (DDP would otherwise see parameters marked ready twice)."""
     args: dict[str, Any] = field(default_factory=dict)
     """Extra SFTConfig arguments this strategy needs."""
 
@@ -32,14 +52,164 @@ class Strategy:
                 f"device={self.device}")
 
 
-def resolve(hw: Hardware, quantized: bool) -> Strategy:
-    from accelerate import PartialState
+def launched() -> tuple[str, int | None, int | None]:
+    """(strategy, zero stage, fsdp version) that `accelerate launch` asked for, read by accelerate's own
+    plugins from the variables its launcher sets (ACCELERATE_USE_DEEPSPEED + the ds config, ACCELERATE_USE_FSDP
+    + FSDP_VERSION), exactly as Accelerator() will read them."""
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState(cpu=not hw.cuda)
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        from accelerate.utils import DeepSpeedPlugin
+
+        stage = int(DeepSpeedPlugin().zero_stage)
+        if stage not in (2, 3):
+            raise RecipeError(f"DeepSpeed ZeRO stage {stage} is not supported: use accelerate_configs/zero2.yaml or "
+                              "zero3.yaml (scalesft train --strategy zero2|zero3)")
+        return f"zero{stage}", stage, None
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        version = int(FullyShardedDataParallelPlugin().fsdp_version)
+        if version != 2:
+            raise RecipeError(f"FSDP version {version} is not supported: use accelerate_configs/fsdp2.yaml "
+                              "(fsdp_version: 2)")
+        return "fsdp2", None, 2
+    return "ddp", None, None
+
+
+def resolve(hw: Hardware, recipe, precision: str) -> Strategy:
+    """Initialise the process group the way this strategy needs it and decide the load settings.
+    Raises RecipeError for combinations known not to work, before any model loads."""
+    from accelerate import PartialState
+    from launch.strategy import StrategyError, resolve_qlora
+
+    name, stage, fsdp_version = launched()
+    q, t = recipe.quantization, recipe.training
+    try:
+        plan = resolve_qlora(strategy=name, bits=q.bits, compute_dtype=q.compute_dtype, precision=precision,
+                             gradient_checkpointing=t.gradient_checkpointing)
+    except StrategyError as e:
+        raise RecipeError(str(e)) from None
+
+    args: dict[str, Any] = {}
+    if stage is not None:
+        # DeepSpeed: its own engine and process group; on CPU it needs gloo named and use_cpu off (FACTS.md).
+        state = PartialState(cpu=False, backend=None if hw.cuda else "gloo")
+        if not hw.cuda:
+            args["ddp_backend"] = "gloo"
+        args["use_cpu"] = False
+    else:
+        state = PartialState(cpu=not hw.cuda)
+        args["use_cpu"] = not hw.cuda
     world, rank, local = state.num_processes, state.process_index, state.local_process_index
-    device = f"cuda:{local}" if hw.cuda else "cpu"
-    args: dict[str, Any] = {"use_cpu": not hw.cuda}
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != launched_world:  # FACTS.md: a wrong CPU path trains N unsynchronised copies at world size 1
+        raise RecipeError(f"{launched_world} processes were launched but accelerate set up a world of {world} "
+                          f"({state.distributed_type}): launch with `scalesft train --gpus N --strategy S`, "
+                          "which sets the variables this machine needs")
+    if world == 1 and name == "ddp":
+        name = "single"
     if world > 1:
         args["ddp_find_unused_parameters"] = False
-    return Strategy(name="ddp" if world > 1 else "single", world_size=world, rank=rank, local_rank=local,
-                    device=device, device_map={"": device} if quantized or hw.cuda else None, args=args)
+    device = f"cuda:{local}" if hw.cuda else "cpu"
+    shards_weights = name in ("zero3", "fsdp2")
+    device_map = {"": device} if not shards_weights and (q.bits or hw.cuda) else None
+    return Strategy(name=name, world_size=world, rank=rank, local_rank=local, device=device,
+                    device_map=device_map, quant_storage=plan.quant_storage if q.bits == 4 else None,
+                    zero_stage=stage, fsdp_version=fsdp_version, reentrant=bool(plan.gradient_checkpointing_reentrant),
+                    args=args)
+
+
+def prepare_trainer(trainer, s: Strategy) -> None:
+    """Make accelerate's state match the strategy, or refuse. Call after the Trainer is built, before train()."""
+    from accelerate.utils import DistributedType
+
+    state = trainer.accelerator.state
+    if s.fsdp_version and state.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate 1.15 turns FSDP on for GPU process groups only; on CPU it would silently run plain DDP.
+        # Force the state the GPU path would have built: the FSDP plugin from the launcher's FSDP_* variables.
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()
+        plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = DistributedType.FSDP
+        trainer.is_fsdp_enabled = True
+    expected = {"zero2": DistributedType.DEEPSPEED, "zero3": DistributedType.DEEPSPEED,
+                "fsdp2": DistributedType.FSDP}.get(s.name)
+    if expected is not None and state.distributed_type != expected:
+        raise RecipeError(f"strategy {s.name} was launched but accelerate runs {state.distributed_type}: "
+                          "launch with `scalesft train --strategy ...`")
+    if s.zero_stage is not None and state.deepspeed_plugin.zero_stage != s.zero_stage:
+        raise RecipeError(f"ZeRO-{s.zero_stage} was launched but accelerate's plugin has stage "
+                          f"{state.deepspeed_plugin.zero_stage}")
+
+
+def _canonical(name: str) -> str:
+    """Adapter parameter name as peft saves it (no adapter name, no wrapper prefixes)."""
+    for prefix in ("_forward_module.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(prefix, "")
+    return name.replace(".default.", ".")
+
+
+def adapter_digest(tensors: dict[str, Any]) -> str:
+    """A hash of an adapter's tensors (names canonicalised, values as float32): equal digests mean equal weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors, key=_canonical):
+        t = tensors[name].detach().to(torch.float32).contiguous().cpu()
+        h.update(_canonical(name).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def full_adapter(trainer) -> dict[str, Any]:
+    """The trainable (LoRA) parameters gathered whole on this rank: a collective call, every rank must make it.
+    ZeRO-3 parameters are gathered with deepspeed; FSDP2 DTensors with full_tensor()."""
+    from torch.distributed.tensor import DTensor
+
+    named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().clone().cpu() for n, p in named}
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone().cpu() for n, p in named}
+
+
+def rank_report(trainer, s: Strategy, out: Path) -> dict[str, Any]:
+    """What this rank really ran, written to out/ranks/rank-{rank}.json: accelerate's distributed type, the
+    DeepSpeed engine's ZeRO stage, how many parameters are FSDP DTensors and how many are actually sharded
+    (local shard smaller than the whole), and the digest of the full adapter this rank holds."""
+    from torch.distributed.tensor import DTensor
+
+    state = trainer.accelerator.state
+    params = list(trainer.model.named_parameters())
+    dtensors = [p for _, p in params if isinstance(p, DTensor)]
+    engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
+    report = {
+        "rank": s.rank, "local_rank": s.local_rank, "world_size": s.world_size, "strategy": s.name,
+        "device": s.device,
+        "distributed_type": str(state.distributed_type.value),
+        "process_group_size": _process_group_size(),
+        "zero_stage": engine.zero_optimization_stage() if engine is not None else None,
+        "fsdp_version": state.fsdp_plugin.fsdp_version if getattr(state, "fsdp_plugin", None) else None,
+        "dtensor_params": len(dtensors),
+        "sharded_params": sum(1 for p in dtensors if p.to_local().numel() < p.numel()),
+        "zero3_partitioned_params": sum(1 for _, p in params if hasattr(p, "ds_numel") and p.numel() < p.ds_numel),
+        "reentrant_checkpointing": s.reentrant,
+        "adapter_digest": adapter_digest(full_adapter(trainer)),
+    }
+    path = out / "ranks" / f"rank-{s.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _process_group_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+

@@ -45,7 +45,7 @@ def resolve(recipe: Recipe, hw=None, strategy=None) -> Resolved:
     prec = hardware.precision(recipe.training.precision, hw)
     attn = hardware.attention(recipe.model.attn_implementation, hw)
     liger = hardware.use_liger(recipe.model.liger_kernel, hw)
-    strategy = strategy or distributed.resolve(hw, quantized=bool(recipe.quantization.bits))
+    strategy = strategy or distributed.resolve(hw, recipe, prec)
     try:
         batch = plan_batch(recipe.training.global_batch_size, recipe.training.micro_batch_size, strategy.world_size)
     except BatchError as e:
@@ -92,7 +92,7 @@ def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
         bf16=r.precision == "bf16",
         fp16=r.precision == "fp16",
         activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": r.strategy.reentrant} if t.gradient_checkpointing else None,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -146,7 +146,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     import yaml
     from transformers import set_seed
 
-    from . import generate, metrics, preemption
+    from . import distributed, generate, metrics, preemption
     from .model import load_model, load_tokenizer, peft_config
 
     r = resolved or resolve(recipe, hw, strategy)
@@ -188,6 +188,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     trainer = _counting_trainer()(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                  processing_class=tokenizer, peft_config=peft_config(recipe.lora),
                                  callbacks=[throughput, stopper, *callbacks])
+    distributed.prepare_trainer(trainer, s)  # accelerate's state must match the launched strategy
     resume = latest_checkpoint(out)
     if is_main:
         for path in preemption.remove_incomplete_after(out, resume):
@@ -202,6 +203,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
                   f"checkpoint {latest_checkpoint(out)}; a restart resumes there", flush=True)
         return {"preempted": True, "global_step": trainer.state.global_step, "resumed_from": resume}
     trainer.save_model(str(out))
+    distributed.rank_report(trainer, s, out)  # every rank: what really ran + a digest of its full adapter
 
     result = metrics.summarize(trainer, throughput, trainer.loss_tokens, {
         "gradient_accumulation_steps": b.gradient_accumulation_steps,

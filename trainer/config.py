@@ -89,8 +89,12 @@ class DataConfig:
     """Prepended as a system message when template is chat."""
     split: str = "train"
     max_seq_length: int = 1024
+    padding_free: bool = True
+    """Concatenate each micro batch into one sequence with position_ids restarting per row, instead of padding
+    to the longest row: no compute on padding, same loss (tests/test_train.py proves it). Batches still count
+    rows."""
     packing: bool = False
-    """Pack sequences padding-free (TRL's bfd strategy, position_ids reset per sequence)."""
+    """Also pack rows into max_seq_length bins (TRL's bfd): a batch then counts bins, not rows."""
     completion_only_loss: bool = True
     """Loss on the answer tokens plus EOS only; the prompt is masked out."""
     eval_fraction: float = 0.0

@@ -61,7 +61,7 @@ def build(out: str | Path, rows: int = 64, seed: int = 0) -> tuple[Path, Path]:
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=False, initializer_range=0.2)
     model = LlamaForCausalLM(cfg)
     model_dir = out / "model"
     model.save_pretrained(model_dir)

@@ -104,8 +104,10 @@ def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
         eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
         report_to=[] if t.report_to == "none" else [t.report_to],
         run_name=t.run_name,
-        max_length=d.max_seq_length,
+        # Rows are already truncated to max_seq_length (data.py); TRL needs it only as the packing bin size.
+        max_length=d.max_seq_length if d.packing or not d.padding_free else None,
         packing=d.packing,
+        padding_free=d.padding_free or d.packing,
         packing_strategy="bfd",
         dataset_num_proc=None,
         remove_unused_columns=True,
@@ -120,9 +122,9 @@ def wandb_environment(recipe: Recipe, output_dir: Path) -> dict[str, str]:
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        import wandb
+        import secrets
 
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)  # W&B ids: letters and digits
         id_file.write_text(run_id)
     env = {"WANDB_RUN_ID": run_id, "WANDB_RESUME": "allow", "WANDB_PROJECT": recipe.training.wandb_project}
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")

@@ -1,0 +1,173 @@
+"""Single-process training on the tiny model: what users rely on after `scalesft train`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import write_recipe
+from trainer.config import load_recipe
+from trainer.train import main, train
+
+PROBE = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
+
+
+class CaptureLogits(TrainerCallback):
+    """The trained model's logits on a fixed input, and the model itself, at the end of training."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(input_ids=PROBE).logits.clone()
+        self.model = model
+
+
+@pytest.fixture(scope="module")
+def basic(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("basic")
+    import os
+    os.environ["WANDB_DIR"] = str(root)
+    # 8 steps x global batch 8 = the 64 rows exactly once, so token counts are exact.
+    recipe = load_recipe(write_recipe(root / "r.yaml", tiny, root / "out", training={
+        "max_steps": 8, "save_steps": 4, "report_to": "wandb", "learning_rate": 5.0e-2,
+        "lr_scheduler_type": "constant"}))
+    cap = CaptureLogits()
+    metrics = train(recipe, callbacks=[cap])
+    return {"root": root, "out": root / "out", "metrics": metrics, "cap": cap, "recipe": root / "r.yaml"}
+
+
+def test_loss_falls_and_metrics_are_exact(basic):
+    m = basic["metrics"]
+    losses = [x["loss"] for x in m["train_loss"]]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < losses[0] - 0.15, losses
+    assert (m["world_size"], m["gradient_accumulation_steps"], m["global_batch_size"], m["global_step"]) == (1, 4, 8, 8)
+    # One epoch: every loss-bearing token of the tokenized set was trained on exactly once.
+    assert m["tokens_trained"] == m["data"]["loss_tokens"] > 0
+    assert m["tokens_per_second"] > 0 and m["peak_memory_gib"] > 0 and m["wall_seconds"] > 0
+    on_disk = json.loads((basic["out"] / "train_metrics.json").read_text())
+    assert on_disk["tokens_trained"] == m["tokens_trained"]
+    saved = (basic["out"] / "recipe.yaml").read_text()
+    assert "output_dir" in saved and "HF_TOKEN" not in saved
+
+
+def _base_plus_adapter(out, dtype=torch.float32):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = load_recipe(out / "recipe.yaml")
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(out)).eval()
+
+
+def test_saved_adapter_reloads_with_identical_logits(basic):
+    model = _base_plus_adapter(basic["out"])
+    with torch.no_grad():
+        logits = model(input_ids=PROBE).logits
+    assert torch.equal(logits, basic["cap"].logits)
+    # The adapter really changed the model.
+    with torch.no_grad(), model.disable_adapter():
+        assert (model(input_ids=PROBE).logits - logits).abs().max() > 1e-3
+
+
+def test_merged_model_equals_base_plus_adapter(basic, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from launch.cli import main as cli
+
+    assert cli(["merge", str(basic["out"]), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        diff = (merged(input_ids=PROBE).logits - basic["cap"].logits).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_wandb_offline_run_has_train_loss(basic):
+    runs = list((basic["root"] / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = (basic["out"] / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    assert "train/loss" in summary and summary["train/global_step"] == 8
+
+
+def test_resume_continues_from_the_latest_checkpoint(basic, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(basic["out"], out)
+    recipe = load_recipe(basic["recipe"], [f"training.output_dir={out}", "training.max_steps=10",
+                                           "training.report_to=none"])
+    m = train(recipe)
+    assert m["resumed_from"].endswith("checkpoint-8") and m["global_step"] == 10
+    assert [x["step"] for x in m["train_loss"]][-2:] == [9, 10]
+
+
+def test_padding_free_equals_padded(tiny, tmp_path):
+    """Padding-free batches (the default) train exactly like padded ones on the same data."""
+    results = {}
+    for pf in (True, False):
+        recipe = load_recipe(write_recipe(tmp_path / f"{pf}.yaml", tiny, tmp_path / f"out-{pf}",
+                                          data={"padding_free": pf}, training={"max_steps": 3}))
+        results[pf] = [x["loss"] for x in train(recipe)["train_loss"]]
+    assert len(results[True]) == 3
+    assert max(abs(a - b) for a, b in zip(results[True], results[False])) < 1e-5, results
+    from safetensors.torch import load_file
+    a = load_file(tmp_path / "out-True" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "out-False" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_qlora_4bit_trains_on_cpu(tiny, tmp_path):
+    import bitsandbytes as bnb
+
+    cap = CaptureLogits()
+    recipe = load_recipe(write_recipe(tmp_path / "q.yaml", tiny, tmp_path / "out",
+                                      quantization={"bits": 4}, training={"max_steps": 2}))
+    m = train(recipe, callbacks=[cap])
+    n4 = sum(isinstance(mod, bnb.nn.Linear4bit) for mod in cap.model.modules())
+    assert n4 == 14  # 2 layers x 7 projections stored in nf4
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in m["train_loss"])
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture()
+def tokenizer_only(tiny, tmp_path):
+    """A model folder with the tokenizer but no weights: a run that reached model loading would crash with
+    a traceback instead of the one-line error, so these tests prove the error comes first."""
+    d = tmp_path / "no-weights"
+    shutil.copytree(tiny["model"], d)
+    (d / "model.safetensors").unlink()
+    return d
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.precision=bf16"], "training.precision=bf16 but this CPU-only machine has no native bfloat16"),
+    (["training.global_batch_size=7"], "training.global_batch_size=7 is not divisible by micro_batch_size (2) x "
+                                       "world_size (1) = 2; use training.micro_batch_size in [1, 7]"),
+    (["data.max_seq_length=8"], "every row's prompt alone is >= data.max_seq_length=8 tokens"),
+    (["data.path=/nonexistent/rows.json"], "data.path '/nonexistent/rows.json' does not exist"),
+    (["data.fields.answer=reply"], "64 row(s) lack field 'reply' (qa format 'answer'): rows [1, 2, 3, 4, 5] (and 59 more)"),
+    (["training.learning_rat=1"], "unknown recipe key 'training.learning_rat': did you mean 'learning_rate'?"),
+])
+def test_bad_input_stops_before_the_model_loads(tiny, tokenizer_only, tmp_path, capsys, overrides, message):
+    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out", model={"name_or_path": str(tokenizer_only)})
+    assert main([str(path), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"scalesft: error: {err[0].removeprefix('scalesft: error: ')}"] and message in err[0], err
+
+
+def test_pure_hardware_checks():
+    from trainer.config import RecipeError
+    from trainer.hardware import Hardware, check_quantization, precision
+
+    with pytest.raises(RecipeError, match="quantization.bits=4 needs bitsandbytes, which is not importable"):
+        check_quantization(4, Hardware(cuda=True, bf16=True, bitsandbytes=False))
+    check_quantization(None, Hardware(cuda=False))
+    assert precision("auto", Hardware(cuda=False)) == "fp32"
+    assert precision("auto", Hardware(cuda=True, bf16=True)) == "bf16"
+    assert precision("auto", Hardware(cuda=True, bf16=False, device_name="Tesla T4")) == "fp16"
+    with pytest.raises(RecipeError, match="training.precision=bf16 but Tesla T4 has no native bfloat16"):
+        precision("bf16", Hardware(cuda=True, bf16=False, device_name="Tesla T4"))

@@ -122,6 +122,7 @@ def resolve(hw: Hardware, recipe, precision: str) -> Strategy:
 
 def prepare_trainer(trainer, s: Strategy) -> None:
     """Make accelerate's state match the strategy, or refuse. Call after the Trainer is built, before train()."""
+    from accelerate import PartialState
     from accelerate.utils import DistributedType
 
     state = trainer.accelerator.state
@@ -131,10 +132,16 @@ def prepare_trainer(trainer, s: Strategy) -> None:
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin()
-        plugin.set_mixed_precision(state.mixed_precision)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
         state.fsdp_plugin = plugin
         state.distributed_type = DistributedType.FSDP
+        # as AcceleratorState does on GPUs: every later AcceleratorState() re-reads PartialState's type
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         trainer.is_fsdp_enabled = True
+        # On a CPU mesh torch's full-state-dict gather hands back the sharded DTensors themselves (their
+        # storage is freed after resharding), so the saved adapter would be unreadable. Gather explicitly.
+        trainer.accelerator.get_state_dict = _gathered_state_dict
     expected = {"zero2": DistributedType.DEEPSPEED, "zero3": DistributedType.DEEPSPEED,
                 "fsdp2": DistributedType.FSDP}.get(s.name)
     if expected is not None and state.distributed_type != expected:
@@ -143,6 +150,14 @@ def prepare_trainer(trainer, s: Strategy) -> None:
     if s.zero_stage is not None and state.deepspeed_plugin.zero_stage != s.zero_stage:
         raise RecipeError(f"ZeRO-{s.zero_stage} was launched but accelerate's plugin has stage "
                           f"{state.deepspeed_plugin.zero_stage}")
+
+
+def _gathered_state_dict(model, unwrap: bool = True) -> dict[str, Any]:
+    """Every tensor of the model whole, on every rank (a collective: all ranks call it, as save_model does)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v in model.state_dict().items()}
 
 
 def _canonical(name: str) -> str:
@@ -199,6 +214,8 @@ def rank_report(trainer, s: Strategy, out: Path) -> dict[str, Any]:
         "dtensor_params": len(dtensors),
         "sharded_params": sum(1 for p in dtensors if p.to_local().numel() < p.numel()),
         "zero3_partitioned_params": sum(1 for _, p in params if hasattr(p, "ds_numel") and p.numel() < p.ds_numel),
+        "params4bit": sum(1 for _, p in params if type(p).__name__ == "Params4bit"),
+        "quant_storage": s.quant_storage,
         "reentrant_checkpointing": s.reentrant,
         "adapter_digest": adapter_digest(full_adapter(trainer)),
     }

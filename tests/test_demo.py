@@ -29,6 +29,6 @@ def test_demo_recipe_trains_and_answers(tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-6").is_dir()
 
     gen = subprocess.run([sys.executable, "-m", "launch.cli", "generate", str(out), "AI가 뭐지?",
-                          "--max-new-tokens", "16"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                          "--max-new-tokens", "48"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
-    assert gen.stdout.strip() == m["samples"][0]["after"][: len(gen.stdout.strip())]  # greedy, same answer
+    assert m["samples"][0]["after"] in gen.stdout  # greedy: the same answer as right after training

@@ -53,7 +53,8 @@ VARIANTS: dict[str, dict] = {
     "hf-bf16-liger-d0": dict(upcast=False, liger=True, dropout=0.0),
     "hf-bf16-liger-d0-nockpt": dict(upcast=False, liger=True, dropout=0.0, ckpt=False),
     "hf-bf16-liger-d0-ck16": dict(upcast=False, liger=True, dropout=0.0, ckpt_layers=16),
-    "hf-bf16-liger-d0-padfree": dict(upcast=False, liger=True, dropout=0.0, collate="padfree"),
+    "hf-bf16-liger-d0-padfree": dict(upcast=False, liger=True, dropout=0.0, collate="padfree", varlen=True),
+    "hf-bf16-liger-d0-compile": dict(upcast=False, liger=True, dropout=0.0, compile=True),
     "hf-bf16-liger-d0-pack": dict(upcast=False, liger=True, dropout=0.0, collate="pack"),
     "hf-bf16-liger-d0-padfree-nockpt": dict(upcast=False, liger=True, dropout=0.0, collate="padfree", ckpt=False),
     "lora-bf16": dict(quant=None, upcast=False),
@@ -63,6 +64,10 @@ VARIANTS: dict[str, dict] = {
     # scalesft: its own train() with its default recipe (SCALESFT_RECIPE below); overrides as "key=value".
     "scalesft": dict(engine="scalesft"),
     "scalesft-lora": dict(engine="scalesft", overrides=["quantization.bits=null"]),
+    "scalesft-lora-nockpt": dict(engine="scalesft", overrides=["quantization.bits=null",
+                                                                "training.gradient_checkpointing=false"]),
+    "scalesft-nockpt": dict(engine="scalesft", overrides=["training.gradient_checkpointing=false"]),
+    "scalesft-pack": dict(engine="scalesft", overrides=["data.packing=true"]),
 }
 DEFAULT_SUITE = ["seeds", "scalesft"]
 
@@ -125,7 +130,7 @@ class Collator:
 
     def __call__(self, feats):
         import torch
-        rows = [r for f in feats for r in (f["bin"] if "bin" in f else [f["input_ids"]])]
+        rows = [r for f in feats for r in (f["input_ids"] if isinstance(f["input_ids"][0], list) else [f["input_ids"]])]
         self.tokens.append(sum(len(r) - 1 for r in rows))  # loss-bearing: labels after the shift
         if self.mode == "pad":
             T = max(len(r) for r in rows)
@@ -178,7 +183,11 @@ def _load_hf(path: str, v: dict, device_map):
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    kw = dict(dtype=dtype, attn_implementation="sdpa", device_map=device_map)
+    attn = "sdpa"
+    if v.get("varlen"):
+        from trainer.model import register_varlen_attention
+        attn = register_varlen_attention()
+    kw = dict(dtype=dtype, attn_implementation=attn, device_map=device_map)
     if v["quant"] == "nf4":
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=dtype)
@@ -196,6 +205,12 @@ def _load_hf(path: str, v: dict, device_map):
     lcfg = LoraConfig(r=v["r"], lora_alpha=v["alpha"], lora_dropout=v["dropout"], bias="none",
                       task_type="CAUSAL_LM", target_modules=TARGETS)
     model = get_peft_model(model, lcfg)
+    if v.get("compile"):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        torch._dynamo.config.cache_size_limit = 256
+        for m in model.modules():
+            if isinstance(m, GradientCheckpointingLayer):
+                m.compile()
     return model
 
 
@@ -220,16 +235,20 @@ def run(spec: dict) -> dict:
     path, mb, seq, steps = spec["model"], spec["mb"], spec["seq"], spec["steps"]
     cfg = json.loads((Path(path) / "config.json").read_text())
     shape = F.Shape.from_config(cfg)
-    warm = min(3, steps - 1)
+    gbs = spec.get("global_batch") or mb
+    if gbs % mb:
+        raise ValueError(f"global batch {gbs} is not a multiple of micro batch {mb}")
+    ga = gbs // mb
+    warm = min(spec.get("warm", 3), steps - 1)
     collate = v["collate"]
-    n_rows = steps * mb
+    n_rows = steps * gbs * (4 if any("packing=true" in o for o in v.get("overrides", [])) else 1)
     rows = make_rows(spec["data"], n_rows, seq, cfg["vocab_size"], seed=spec.get("seed", 0))
     if collate == "pack":
         # same rows, packed into bins of mb*seq tokens: fewer, fuller micro-batches (a step = one bin)
-        items = [{"bin": b} for b in pack_rows(rows, mb * seq)]
+        items = [{"input_ids": b} for b in pack_rows(rows, mb * seq)]
         steps = len(items)
-        warm = min(3, steps - 1)
-        per_device = 1
+        warm = min(spec.get("warm", 3), steps - 1)
+        per_device, ga = 1, 1
     else:
         items = [{"input_ids": r} for r in rows]
         per_device = mb
@@ -259,6 +278,7 @@ def run(spec: dict) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         args = TrainingArguments(
             output_dir=spec.get("workdir", "/tmp/bench_out"), per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=ga,
             max_steps=steps, learning_rate=2e-4, bf16=cuda, logging_steps=1, save_strategy="no",
             gradient_checkpointing=v["ckpt"], gradient_checkpointing_kwargs={"use_reentrant": False},
             report_to="none", optim="adamw_torch", dataloader_num_workers=0, seed=0, use_cpu=not cuda)
@@ -282,7 +302,7 @@ def run(spec: dict) -> dict:
         raw["model"]["name_or_path"] = path
         raw["data"].update(path="unused-bench-passes-rows", max_seq_length=seq)
         raw["training"].update(output_dir=spec.get("workdir", "/tmp/bench_out"), micro_batch_size=mb,
-                               global_batch_size=mb, max_steps=steps)
+                               global_batch_size=gbs, max_steps=steps)
         if not cuda:
             raw["training"]["precision"] = "fp32"
         from trainer.config import apply_overrides
@@ -297,28 +317,31 @@ def run(spec: dict) -> dict:
         v["recipe"] = recipe.to_dict()
         v["scalesft_metrics"] = {k: metrics[k] for k in metrics if k != "train_loss"} if isinstance(metrics, dict) else {}
         # the trainer owns its collator: count the tokens of the timed steps from the rows themselves
-        # (the trainer samples rows at random: for var data this is the mean over all rows, marked approximate)
-        per_step = sum(len(r) - 1 for r in rows) / steps
-        coll.tokens = [per_step] * steps
-        v["tokens_approximate"] = spec["data"] != "fixed"
+        # tokens and time of the steady steps as the trainer itself counts them (train_metrics.json)
+        st = (metrics or {}).get("steady_state") or {}
+        v["trainer_steady_state"] = st
     wall = time.time() - t0
     n_marks = len(marks)
     if prof_cb and n_marks > warm + 3:
         n_marks -= 2  # the profiled steps are slower: keep them out of the timing
     timed = max(1, n_marks - warm)
     dt = marks[n_marks - 1] - marks[warm - 1] if n_marks > warm and warm >= 1 else marks[-1] - t0
-    step_tokens = coll.tokens[:n_marks] if coll.tokens else []
+    step_tokens = [sum(coll.tokens[i * ga:(i + 1) * ga]) for i in range(len(coll.tokens) // ga)]
     tok = sum(step_tokens[warm:n_marks]) if step_tokens else float("nan")
+    if v["engine"] == "scalesft" and v.get("trainer_steady_state", {}).get("tokens_per_second_per_device"):
+        st = v["trainer_steady_state"]
+        dt, timed = st["seconds_per_step"] * st["steps"], st["steps"]
+        tok = st["tokens_per_second_per_device"] * dt
     if collate == "pack":
-        seq_of_step = [[len(r) for r in it["bin"]] for it in items]
+        seq_of_step = [[len(r) for r in it["input_ids"]] for it in items]
     else:
-        seq_of_step = [[len(r) for r in rows[i * mb:(i + 1) * mb]] for i in range(steps)]
+        seq_of_step = [[len(r) for r in rows]]
     # the Trainer samples rows at random; lengths per step differ, totals over timed steps ~ equal: use the mean
     all_lens = [L for s in seq_of_step for L in s]
     flops_per_tok = F.train_flops(shape, all_lens, lora_r=v["r"]) / max(1, sum(all_lens))
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     res = {
-        "variant": spec["variant"], "data": spec["data"], "mb": mb, "seq": seq, "steps": n_marks,
+        "variant": spec["variant"], "data": spec["data"], "mb": mb, "global_batch": gbs, "seq": seq, "steps": n_marks,
         "timed_steps": timed, "tok_s": round(tok / dt, 1) if dt > 0 else None, "s_per_step": round(dt / timed, 4),
         "tokens_timed": tok,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
@@ -436,8 +459,10 @@ def suite(args) -> list[dict]:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
         steps = args.steps if data == "fixed" else args.var_steps
-        steps = max(6, steps * args.mb // mb) if mb > args.mb else steps  # a bigger micro batch: fewer steps
+        if not args.global_batch and mb > args.mb:
+            steps = max(6, steps * args.mb // mb)  # a bigger micro batch: fewer steps
         spec = dict(variant=name, data=data, mb=mb, seq=args.seq, steps=steps, model=args.model,
+                    global_batch=args.global_batch, warm=args.warm,
                     profile=name in (args.profile or "").split(","), out_dir=str(out),
                     overrides=args.override or [])
         tag = f"{name}_{data}_mb{mb}"
@@ -504,6 +529,8 @@ def main(argv=None) -> None:
     s.add_argument("--seq", type=int, default=1024)
     s.add_argument("--steps", type=int, default=16)
     s.add_argument("--var-steps", type=int, default=24)
+    s.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step (default: mb)")
+    s.add_argument("--warm", type=int, default=3, help="optimizer steps left out of the timing")
     s.add_argument("--profile", default="", help="variants to profile (last two steps)")
     s.add_argument("--override", action="append", help="scalesft recipe override, section.key=value")
     s.add_argument("--inprocess", action="store_true")

@@ -35,6 +35,7 @@ for f in sorted(glob.glob(sys.argv[1] + "/s*/results.json")):
     rows += json.load(open(f))
 json.dump(rows, open(sys.argv[2], "w"), indent=1)
 PY
+find "$R" -name work -type d -prune -exec rm -rf {} + ; cp $R/s*/profile_*.md "$OUT/" 2>/dev/null
 tar czf "$OUT/bench.tgz" -C "$R" . 2>/dev/null
 cat $R/s*/profile_*.md 2>/dev/null | head -80
 cat "$OUT/results.md"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from tinyrecipe import REPO
 
 pytestmark = pytest.mark.slow
 

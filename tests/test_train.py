@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import write_recipe
+from tinyrecipe import write_recipe
 from trainer.config import load_recipe
 from trainer.train import main, train
 

@@ -1,0 +1,195 @@
+"""slurm/train.sh on a real two-node Slurm (tests/slurm/cluster.sh): equivalence, preemption -> requeue ->
+exact resume, a dead rank, and bad input. CPU + gloo, a tiny random Llama; one process per node unless said.
+
+Figures are printed (run with -s to see them) and appended to $SCALESFT_SLURM_FIGURES when set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import REPO, adapter_max_diff, job_env, run_train, submit_train, write_recipe
+from trainer.preemption import COMPLETE_MARKER, latest_complete_checkpoint
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+STEPS = 30
+
+
+def figure(line: str) -> None:
+    print(f"\n[slurm figure] {line}")
+    path = os.environ.get("SCALESFT_SLURM_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def logged_steps(log_text: str) -> list[float]:
+    """The per-step training log lines rank 0 printed ({'loss': ..., 'epoch': ...}), in order."""
+    return [float(m) for m in re.findall(r"\{'loss': '[^']*'.*?'epoch': '([^']*)'\}", log_text)]
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, slurm_tiny, tmp_path_factory):
+    """The uninterrupted 2-node run (1 process per node, global batch 8 = 2 x micro 2 x accumulation 2)."""
+    tmp = tmp_path_factory.mktemp("ref2node")
+    recipe = write_recipe(tmp / "recipe.yaml", slurm_tiny, tmp / "out")
+    run = run_train(slurm_cluster, recipe, 2, job_env(tmp), tmp / "job.log")
+    figure(f"2-node reference job {run.job}: {run.seconds:.1f} s")
+    assert run.record.get("JobState") == "COMPLETED", run.text()[-3000:]
+    return run
+
+
+def test_two_nodes_equal_one_node_two_processes(slurm_cluster, slurm_tiny, reference, tmp_path):
+    text = reference.text()
+    # One process on each node: both ranks are local rank 0, in a world of 2.
+    assert "rank 0 (local 0) of 2" in text and "rank 1 (local 0) of 2" in text, text[-3000:]
+    assert "2 node(s) x 1 process(es) (cpu) = 2" in text
+    assert "node-local filesystem" in text  # output_dir under /tmp on a 2-node job: warned
+    assert json.loads((reference.output_dir / "train_metrics.json").read_text())["global_step"] == STEPS
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", slurm_tiny, tmp_path / "out")
+    one = run_train(slurm_cluster, recipe, 1, job_env(tmp_path, procs_per_node=2), tmp_path / "job.log")
+    figure(f"1-node 2-process job {one.job}: {one.seconds:.1f} s")
+    assert one.record.get("JobState") == "COMPLETED", one.text()[-3000:]
+    assert "rank 0 (local 0) of 2" in one.text() and "rank 1 (local 1) of 2" in one.text()
+    diff = adapter_max_diff(reference.output_dir, one.output_dir)
+    figure(f"adapter max abs diff, 2 nodes x 1 vs 1 node x 2 processes: {diff:.3g}")
+    assert diff <= 1e-5
+
+
+def test_preempt_requeue_resume_is_exact(slurm_cluster, slurm_tiny, reference, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "recipe.yaml", slurm_tiny, out, report_to="wandb", save_total_limit=None)
+    log = tmp_path / "job.log"
+    t0 = time.monotonic()
+    job = submit_train(slurm_cluster, recipe, 2, job_env(tmp_path), log)
+    # Signal once training is under way (the first complete checkpoint exists), well before the last step.
+    deadline = time.monotonic() + 180
+    while latest_complete_checkpoint(out) is None:
+        assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else "no log"
+        assert slurm_cluster.state(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()
+        time.sleep(0.05)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+    t_signal = time.monotonic()
+
+    rec = slurm_cluster.wait(job, timeout=240,
+                             until=lambda st: st.get("JobState") == "COMPLETED" and st.get("Restarts") == "1")
+    text = log.read_text(errors="replace")
+    assert rec.get("JobState") == "COMPLETED" and rec.get("Restarts") == "1", text[-4000:]
+    figure(f"preempted job {job}: {time.monotonic() - t0:.1f} s end to end (signal to done "
+          f"{time.monotonic() - t_signal:.1f} s), restarts {rec.get('Restarts')}")
+
+    stop = re.findall(r"preempted at step (\d+) of (\d+)", text)
+    assert len(stop) == 1, text[-4000:]
+    k = int(stop[0][0])
+    assert 0 < k < STEPS and int(stop[0][1]) == STEPS
+    assert f"requeueing job {job}" in text
+    assert f"resuming from {out}/checkpoint-{k}" in text
+    assert (out / f"checkpoint-{k}" / COMPLETE_MARKER).is_file()
+    figure(f"preemption: stopped after step {k}, resumed from checkpoint-{k}, finished at step {STEPS}")
+
+    # Exact step count: every optimizer step logged once over the two runs (no step twice, none skipped) ...
+    epochs = logged_steps(text)
+    ref_epochs = logged_steps(reference.text())
+    assert len(ref_epochs) == STEPS and epochs == ref_epochs, (epochs, ref_epochs)
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, STEPS + 1))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["global_step"] == STEPS and metrics["resumed_from"] == str(out / f"checkpoint-{k}")
+    # ... and the same weights as the run that was never interrupted.
+    diff = adapter_max_diff(reference.output_dir, out)
+    figure(f"adapter max abs diff, preempted+resumed vs uninterrupted: {diff:.3g}")
+    assert diff <= 1e-6
+
+    # W&B: one offline run id before and after the requeue, kept in output_dir.
+    assert (out / "wandb_run_id").read_text().strip() == run_id
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
+    assert text.count(f"wandb run id {run_id} (resume=allow)") == 2
+
+
+def _rank_pid(job: str, rank: int) -> int | None:
+    """The pid of the trainer process with this global rank in this job (all nodes live on this host)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+            cmd = (proc / "cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("RANK") == str(rank) and "trainer.train" in cmd \
+                and "accelerate" not in cmd:
+            return int(proc.name)
+    return None
+
+
+def test_dead_rank_fails_fast_and_keeps_a_loadable_checkpoint(slurm_cluster, slurm_tiny, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "recipe.yaml", slurm_tiny, out, max_steps=100000, save_steps=3)
+    log = tmp_path / "job.log"
+    job = submit_train(slurm_cluster, recipe, 2, job_env(tmp_path), log)
+    deadline = time.monotonic() + 180
+    while latest_complete_checkpoint(out) is None:
+        assert time.monotonic() < deadline and slurm_cluster.state(job).get("JobState") in (
+            "PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:] if log.exists() else "no log"
+        time.sleep(0.05)
+    pid = _rank_pid(job, 1)
+    assert pid, "rank 1's process not found"
+    os.kill(pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    rec = slurm_cluster.wait(job, timeout=90)
+    elapsed = time.monotonic() - t_kill
+    text = log.read_text(errors="replace")
+    figure(f"dead rank: kill -9 of rank 1 -> job {rec.get('JobState')} after {elapsed:.1f} s")
+    assert rec.get("JobState") == "FAILED", (rec, text[-3000:])
+    assert rec.get("Restarts", "0") == "0" and "requeueing" not in text
+    assert elapsed < 60
+
+    # The newest complete checkpoint loads: adapter into the base model, optimizer, scheduler, every rank's RNG.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Path(latest_complete_checkpoint(out))
+    step = int(ckpt.name.split("-")[1])
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["global_step"] == step
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(slurm_tiny["model"]), str(ckpt))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert opt["state"], "optimizer state present"
+    torch.load(ckpt / "scheduler.pt", weights_only=True)
+    for r in (0, 1):
+        torch.load(ckpt / f"rng_state_{r}.pth", weights_only=False)
+    figure(f"dead rank: newest complete checkpoint {ckpt.name} (step {step}) loads")
+
+
+def test_bad_input_fails_in_the_batch_step(slurm_cluster, slurm_tiny, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    good = write_recipe(tmp_path / "good.yaml", slurm_tiny, tmp_path / "out")
+    unwritable = write_recipe(tmp_path / "unwritable.yaml", slurm_tiny, blocker / "out")
+    cases = {
+        "nodes": (good, 2, {"SCALESFT_NODES": "3"}, "asked for 3 node(s) but the allocation has 2"),
+        "gpus": (good, 1, {"SCALESFT_GPUS_PER_NODE": "8"}, "asked for 8 GPU(s) per node but the node has 0"),
+        "recipe": (tmp_path / "nowhere.yaml", 1, {}, "nowhere.yaml' does not exist on"),
+        "output_dir": (unwritable, 1, {}, "is not writable"),
+    }
+    jobs = {name: submit_train(slurm_cluster, recipe, nodes, job_env(tmp_path, **env), tmp_path / f"{name}.log")
+            for name, (recipe, nodes, env, _) in cases.items()}
+    for name, job in jobs.items():
+        rec = slurm_cluster.wait(job, timeout=60)
+        text = (tmp_path / f"{name}.log").read_text()
+        assert rec.get("JobState") == "FAILED" and rec.get("ExitCode", "").startswith("2"), (name, rec, text)
+        assert cases[name][3] in text, (name, text)
+        assert "trainer.train" not in text and "srun" not in text  # stopped before any node started

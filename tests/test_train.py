@@ -91,8 +91,10 @@ def test_wandb_offline_run_has_train_loss(basic):
     assert len(runs) == 1
     run_id = (basic["out"] / "wandb_run_id").read_text().strip()
     assert runs[0].name.endswith(run_id)
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    assert "train/loss" in summary and summary["train/global_step"] == 8
+    # wandb 0.31 writes offline runs as one binary record log (read by wandb-core, no Python reader): every
+    # logged step's history record names train/loss (plus the summary's copies).
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert log.count(b"train/loss") >= 8 and b"tokens_per_second" in log
 
 
 def test_resume_continues_from_the_latest_checkpoint(basic, tmp_path):

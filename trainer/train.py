@@ -149,7 +149,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     from transformers import set_seed
 
     from . import distributed, generate, metrics, preemption
-    from .model import load_model, load_tokenizer, peft_config
+    from .model import fuse_lora, load_model, load_tokenizer, peft_config
 
     r = resolved or resolve(recipe, hw, strategy)
     s = r.strategy
@@ -190,6 +190,8 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     trainer = _counting_trainer()(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                  processing_class=tokenizer, peft_config=peft_config(recipe.lora),
                                  callbacks=[throughput, stopper, *callbacks])
+    throughput.bind(trainer, recipe)  # token counts, per-log tokens/s, MFU and every rank's peak memory
+    fuse_lora(trainer.model, s.name)  # scale+add of each LoRA projection folded into one GEMM (bench/RESULTS.md)
     distributed.prepare_trainer(trainer, s)  # accelerate's state must match the launched strategy
     resume = latest_checkpoint(out)
     if is_main:

@@ -205,6 +205,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
             preemption.write_status(f"preempted step={trainer.state.global_step}")
             print(f"[scalesft] preempted at step {trainer.state.global_step} of {trainer.state.max_steps}: "
                   f"checkpoint {latest_checkpoint(out)}; a restart resumes there", flush=True)
+        _finish_wandb(recipe)
         return {"preempted": True, "global_step": trainer.state.global_step, "resumed_from": resume}
     trainer.save_model(str(out))
     distributed.rank_report(trainer, s, out)  # every rank: what really ran + a digest of its full adapter
@@ -229,7 +230,17 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         print(f"[scalesft] done: {result['global_step']} steps, {result['tokens_trained']} loss tokens, "
               f"{result['tokens_per_second']} tokens/s, peak {result['peak_memory_gib']} GiB, "
               f"{result['wall_seconds']} s; adapter in {out}", flush=True)
+    _finish_wandb(recipe)
     return result
+
+
+def _finish_wandb(recipe: Recipe) -> None:
+    """Close the W&B run (its summary is written then, not at interpreter exit); a no-op on other ranks."""
+    if recipe.training.report_to == "wandb":
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def _counting_trainer():

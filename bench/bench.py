@@ -68,6 +68,7 @@ VARIANTS: dict[str, dict] = {
                                                                 "training.gradient_checkpointing=false"]),
     "scalesft-nockpt": dict(engine="scalesft", overrides=["training.gradient_checkpointing=false"]),
     "scalesft-pack": dict(engine="scalesft", overrides=["data.packing=true"]),
+    "scalesft-nodq": dict(engine="scalesft", overrides=["quantization.double_quant=false"]),
 }
 DEFAULT_SUITE = ["seeds", "scalesft"]
 

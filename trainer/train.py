@@ -130,6 +130,8 @@ def wandb_environment(recipe: Recipe, output_dir: Path) -> dict[str, str]:
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if job:
         env["WANDB_RUN_GROUP"] = f"slurm-{job}"
+        if not recipe.training.run_name:  # a recipe's run_name wins (the Trainer passes it as name=)
+            env["WANDB_NAME"] = f"slurm-{job}"
     return env
 
 

@@ -6,6 +6,7 @@ Figures are printed (run with -s to see them) and appended to $SCALESFT_SLURM_FI
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -31,9 +32,10 @@ def figure(line: str) -> None:
             f.write(line + "\n")
 
 
-def logged_steps(log_text: str) -> list[float]:
-    """The per-step training log lines rank 0 printed ({'loss': ..., 'epoch': ...}), in order."""
-    return [float(m) for m in re.findall(r"\{'loss': '[^']*'.*?'epoch': '([^']*)'\}", log_text)]
+def logged_steps(log_text: str) -> list[tuple[str, str, str]]:
+    """(epoch, loss, learning rate) of every per-step log line rank 0 printed ({'loss': ...}), in order."""
+    rows = [ast.literal_eval(m) for m in re.findall(r"\{'loss': [^{}]*\}", log_text)]
+    return [(r["epoch"], r["loss"], r["learning_rate"]) for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,11 @@ def test_preempt_requeue_resume_is_exact(slurm_cluster, slurm_tiny, reference, t
     # W&B: one offline run id before and after the requeue, kept in output_dir.
     assert (out / "wandb_run_id").read_text().strip() == run_id
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    # Two offline runs (one per job start, rank 0 only: other ranks log nothing), both with the same id, and
+    # both named/grouped by the Slurm job.
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
+    for r in runs:
+        assert f"slurm-{job}".encode() in (r / f"run-{run_id}.wandb").read_bytes()
     assert text.count(f"wandb run id {run_id} (resume=allow)") == 2
 
 

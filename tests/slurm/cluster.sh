@@ -14,6 +14,7 @@
 #   cred_expire=5               a requeued job restarts after ~7 s (measured; 10 gives ~11 s, default ~180 s)
 #   sched_interval=2            the main scheduler runs every 2 s
 #   unshare --mount + a private /etc/hosts per slurmd, so n1 and n2 resolve inside jobs
+#   DIR/local is node-local: inside jobs on node N it shows DIR/nodes/N (empty from outside the cluster)
 set -euo pipefail
 
 cmd=${1:-}
@@ -80,9 +81,11 @@ start() {
     export SLURM_CONF=$dir/slurm.conf
     slurmctld -f "$dir/slurm.conf"
     for n in "${nodes[@]}"; do
-        # Each slurmd (and so every job step it starts) sees the private hosts file in which n1, n2 resolve.
-        unshare --mount -- bash -c 'mount --bind "$1" /etc/hosts && exec slurmd -f "$2" -N "$3"' \
-            _ "$dir/hosts" "$dir/slurm.conf" "$n"
+        # Each slurmd (and so every job step it starts) has its own mount namespace: a private hosts file in
+        # which n1, n2 resolve, and DIR/local showing DIR/nodes/<node>: a node-local folder, as on a cluster.
+        mkdir -p "$dir/nodes/$n" "$dir/local"
+        unshare --mount -- bash -c 'mount --bind "$1" /etc/hosts && mount --bind "$4" "$5" && exec slurmd -f "$2" -N "$3"' \
+            _ "$dir/hosts" "$dir/slurm.conf" "$n" "$dir/nodes/$n" "$dir/local"
     done
     wait_for 30 "two idle nodes" bash -c "[[ \$(sinfo -h -N -t idle -o %N | sort -u | wc -l) -eq ${#nodes[@]} ]]"
     print_env

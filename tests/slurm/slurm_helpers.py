@@ -135,6 +135,7 @@ def job_env(tmp: Path, procs_per_node: int | None = None, **extra: str) -> dict[
     env = {"SCALESFT_HOME": str(REPO), "SCALESFT_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "SCALESFT_SRUN_ARGS": "",  # the test cluster has no CPU binding (TaskPlugin=task/none)
            "SCALESFT_CACHE": os.environ.get("SCALESFT_CACHE", str(tmp / "cache")), **extra}
     if procs_per_node is not None:
         env["SCALESFT_PROCS_PER_NODE"] = str(procs_per_node)

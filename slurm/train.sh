@@ -15,7 +15,10 @@
 # `scancel --signal=USR1 --batch JOB`) is forwarded to the trainers, which agree to stop at the next
 # optimizer step, write a complete checkpoint and exit; this script then requeues the job, and the trainer
 # resumes from the newest complete checkpoint. SIGTERM (preemption by the scheduler, scancel) makes the
-# trainers checkpoint and exit the same way; Slurm requeues a preempted --requeue job itself.
+# trainers checkpoint and exit the same way, but this script does not requeue: Slurm requeues a preempted
+# --requeue job itself, and a scancel'd job stays cancelled. On SIGTERM torchrun gives its workers 30 s
+# before SIGKILL: the step in flight plus the checkpoint must fit (and fit the partition's GraceTime).
+# A rank that dies ends its node's launcher with an error, and srun --kill-on-bad-exit ends the others.
 #
 # Settings (environment; a cluster profile, slurm/profiles/*.env, holds the cluster-specific ones):
 #   SCALESFT_PROFILE           profile name in slurm/profiles/ or a path (default: default)

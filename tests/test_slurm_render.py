@@ -4,9 +4,10 @@ GPUs, allocation checks, output_dir checks, and the complete-checkpoint rule. (t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
-import sys
+import signal
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,16 @@ def test_stop_request_stops_at_step_end(tmp_path):
     control = cb.on_step_end(args, state, TrainerControl())
     assert control.should_save and control.should_training_stop and cb.preempted(state)
     assert not cb.preempted(TrainerState(global_step=10, max_steps=10))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_sets_the_stop_flag_only(sig):
+    old = {s: signal.getsignal(s) for s in preemption.PreemptionCallback.SIGNALS}
+    try:
+        cb = preemption.PreemptionCallback(stop_file="")
+        assert not cb.requested_here()
+        os.kill(os.getpid(), sig)          # handled in this (main) thread: the process lives on
+        assert cb.requested_here() and cb.signal_received == sig
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

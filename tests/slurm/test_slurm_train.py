@@ -11,12 +11,13 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from slurm_helpers import REPO, adapter_max_diff, job_env, run_train, submit_train, write_recipe
+from slurm_helpers import adapter_max_diff, job_env, run_train, submit_train, write_recipe
 from trainer.preemption import COMPLETE_MARKER, latest_complete_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -57,12 +58,21 @@ def test_two_nodes_equal_one_node_two_processes(slurm_cluster, slurm_tiny, refer
     assert "node-local filesystem" in text  # output_dir under /tmp on a 2-node job: warned
     assert json.loads((reference.output_dir / "train_metrics.json").read_text())["global_step"] == STEPS
 
+    # The 1-node run goes through `scalesft slurm --submit` (the CLI's one sbatch call site).
     recipe = write_recipe(tmp_path / "recipe.yaml", slurm_tiny, tmp_path / "out")
-    one = run_train(slurm_cluster, recipe, 1, job_env(tmp_path, procs_per_node=2), tmp_path / "job.log")
-    figure(f"1-node 2-process job {one.job}: {one.seconds:.1f} s")
-    assert one.record.get("JobState") == "COMPLETED", one.text()[-3000:]
-    assert "rank 0 (local 0) of 2" in one.text() and "rank 1 (local 1) of 2" in one.text()
-    diff = adapter_max_diff(reference.output_dir, one.output_dir)
+    log = tmp_path / "job.log"
+    t0 = time.monotonic()
+    p = slurm_cluster.run(sys.executable, "-m", "launch.cli", "slurm", str(recipe), "--nodes", "1",
+                          "--gpus-per-node", "0", "--procs-per-node", "2", f"--output={log}", "--time=10",
+                          "--submit", env=job_env(tmp_path), cwd=tmp_path)
+    job = re.search(r"submitted job (\d+): .*sbatch .*--nodes=1 ", p.stdout).group(1)
+    rec = slurm_cluster.wait(job, timeout=240)
+    text = log.read_text(errors="replace")
+    figure(f"1-node 2-process job {job} (scalesft slurm --submit): {time.monotonic() - t0:.1f} s")
+    assert rec.get("JobState") == "COMPLETED", text[-3000:]
+    assert "1 node(s) x 2 process(es) (cpu) = 2" in text
+    assert "rank 0 (local 0) of 2" in text and "rank 1 (local 1) of 2" in text
+    diff = adapter_max_diff(reference.output_dir, tmp_path / "out")
     figure(f"adapter max abs diff, 2 nodes x 1 vs 1 node x 2 processes: {diff:.3g}")
     assert diff <= 1e-5
 

@@ -39,7 +39,7 @@ def _chat(args: argparse.Namespace) -> int:
     from trainer.generate import answer, load_trained
 
     model, tokenizer, recipe = load_trained(args.output_dir)
-    print("scalesft chat: type a question, an empty line or Ctrl-D to quit.", flush=True)
+    print("scalesft chat: type a question, an empty line or Ctrl-D to quit.\n> ", end="", flush=True)
     for line in sys.stdin:
         if not line.strip():
             break

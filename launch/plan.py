@@ -17,6 +17,7 @@ from typing import Any
 
 from launch.batch import plan_batch, steps_per_epoch
 from launch.preflight import check_rows, count_rows, train_rows
+from launch.memory import plan_memory
 from launch.render import render_launch
 from launch.strategy import STRATEGIES, checkpointing_label, get_strategy, planned_precision, resolve_qlora
 
@@ -60,6 +61,7 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
                 "qlora": {**asdict(qlora), "quant_type": q.quant_type if q.bits == 4 else None,
                           "double_quant": q.double_quant if q.bits == 4 else None},
                 "strategy_summary": spec.summary,
+                "memory": plan_memory(recipe, strategy=strategy, world_size=world, precision=precision),
                 "command": cmd.shell(), "argv": cmd.argv, "env": cmd.env,
             })
     return entries
@@ -86,6 +88,13 @@ def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
                      f"device_map {placement}")
     if e0["train_rows"] is None:
         lines.append("steps per epoch: unknown until the data loads (not a local file)")
+    for e in entries:
+        m = e.get("memory")
+        if m:
+            ck = "on" if m["recipe_checkpointing"] else "off"
+            lines.append(f"predicted peak memory per GPU at world size {e['world_size']}: "
+                         f"{m['peak_gib_checkpointing']} GiB with activation checkpointing, "
+                         f"{m['peak_gib_no_checkpointing']} GiB without (recipe: {ck}; launch/memory.py)")
     for e in entries:
         lines.append(f"command (node 0 of {e['nodes']}, world size {e['world_size']}):")
         lines.append(f"  {e['command']}")

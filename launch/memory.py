@@ -1,0 +1,157 @@
+"""Predicted peak GPU memory per rank for a recipe, strategy and world size. Pure arithmetic: no torch import.
+
+    estimate(shape, bits=4, lora_r=64, micro_batch=16, seq_len=1024, checkpointing=True) -> MemoryEstimate
+
+Terms (bytes, per rank; what torch.cuda.max_memory_allocated sees, not the CUDA context):
+- weights: 4-bit linears at 0.5 B/param + absmax (fp32 per 64 weights, or 8-bit + a second level with double
+  quant); embeddings, LM head and norms in the compute dtype (fp32 where prepare_model_for_kbit_training upcasts,
+  as the seeds do). 16-bit LoRA: every weight in bf16. ZeRO-3 / FSDP2 shard it over the ranks.
+- adapter, gradients, optimizer: the LoRA parameters in their dtype (TRL keeps QLoRA adapters in bf16, peft
+  upcasts them to fp32 on 16-bit weights), one gradient each, AdamW's two moments in the parameter dtype (8-bit
+  optimizers: 2 B/param). ZeRO-2 shards gradients and moments, ZeRO-3 / FSDP2 everything.
+- activations, per token of the micro batch (micro_batch x seq_len: the longest a padded or packed batch gets):
+  with checkpointing each decoder layer keeps its input (hidden x stream bytes) and one layer at a time holds
+  its full activations; without, every layer holds them. A layer's full activations are c_h x hidden +
+  c_f x intermediate values, calibrated on the H100 runs in bench/runs (Liger, bf16 stream, no dropout:
+  c_h 8.4, c_f 3; without Liger's SwiGLU/RMSNorm +2 h +1 f; LoRA dropout keeps a copy of each projection's
+  input: +6 h +1 f).
+- logits: without Liger's fused linear cross-entropy the [tokens x vocab] logits live in bf16 plus an fp32
+  copy and its fp32 gradient (10 B per vocab entry per token); with it, a chunk (negligible).
+- transient: dequantized weights, allocator slack: 2.5 hidden vectors per token (calibrated).
+
+Checked against every peak measured in bench/runs (QLoRA and LoRA, checkpointing on and off, micro batch 4-16,
+Liger on and off, the seeds' fp32 upcast): within +-10% (tests/test_bench_memory.py). Multi-GPU terms (DDP
+buckets, ZeRO/FSDP sharding) follow the strategies' definitions and are not yet measured on GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.flops import PROJECTIONS, Shape
+
+GiB = 2**30
+C_H, C_F = 8.4, 3.0  # full activations of one decoder layer per token, in hidden / intermediate vectors
+TRANSIENT_H = 2.5  # per token, in hidden vectors (bf16)
+SHARDED = ("zero3", "fsdp2")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryEstimate:
+    weights: float
+    adapter: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    transient: float
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.logits
+                + self.transient)
+
+    def gib(self) -> dict[str, float]:
+        return {k: round(v / GiB, 2) for k, v in {**asdict(self), "total": self.total}.items()}
+
+
+def _targets(t) -> tuple[str, ...]:
+    return PROJECTIONS if t in (None, "all-linear") else tuple(t)
+
+
+def estimate(shape: Shape, *, bits: int | None, lora_r: int, micro_batch: int, seq_len: int,
+             checkpointing: bool = True, lora_targets="all-linear", double_quant: bool = True,
+             liger: bool = True, lora_dropout: float = 0.0, optim: str = "adamw_torch",
+             adapter_bytes: int | None = None, upcast_fp32: bool = False, strategy: str = "single",
+             world_size: int = 1) -> MemoryEstimate:
+    """Peak memory of one rank. adapter_bytes None: 2 (bf16) for quantized weights as TRL keeps them, else 4."""
+    h, f, L, V = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
+    head = h * V
+    embed = h * V
+    linear = shape.linear_params() - head  # decoder projections
+    other = embed + head + 2 * h * L + h  # embeddings, LM head, norms
+    dense_b = 4 if upcast_fp32 else 2
+    if bits == 4:
+        absmax = linear / 64 * (1 + 4 / 256) if double_quant else linear / 64 * 4
+        weights = linear * 0.5 + absmax + other * dense_b
+    elif bits == 8:
+        weights = linear * 1.0 + linear / 4096 * 4 + other * dense_b  # int8 + per-row scales
+    else:
+        weights = (linear + other) * 2
+    p_lora = shape.lora_params(lora_r, _targets(lora_targets))
+    a_b = adapter_bytes or (2 if bits else 4)
+    adapter, grads = p_lora * a_b, p_lora * a_b
+    optimizer = p_lora * (2 if "8bit" in optim else 0.1 * a_b if optim == "adafactor" else 2 * a_b)
+
+    if strategy in SHARDED:
+        # parameters sharded; two decoder layers gathered at a time (current + prefetch)
+        per_layer = weights * (linear / L) / max(linear + other, 1)
+        weights = weights / world_size + 2 * per_layer
+        adapter /= world_size
+    if strategy in SHARDED or strategy == "zero2":
+        grads /= world_size
+        optimizer /= world_size
+    elif strategy == "ddp" and world_size > 1:
+        grads *= 2  # gradient buckets beside the .grad tensors
+
+    tokens = micro_batch * seq_len
+    stream_b = 4 if upcast_fp32 else 2
+    c_h, c_f = C_H, C_F
+    if not liger:
+        c_h, c_f = c_h + 2, c_f + 1
+    if lora_dropout > 0:
+        c_h, c_f = c_h + 6, c_f + 1
+    layer_full = (c_h * h + c_f * f) * stream_b
+    per_token = (L * h * stream_b + layer_full) if checkpointing else L * layer_full
+    activations = tokens * per_token
+    logits = 0.0 if liger else tokens * V * 10
+    transient = tokens * TRANSIENT_H * h * 2 * (2 if upcast_fp32 else 1)
+    return MemoryEstimate(weights=weights, adapter=adapter, gradients=grads, optimizer=optimizer,
+                          activations=activations, logits=logits, transient=transient)
+
+
+def choose_checkpointing(budget_gib: float, shape: Shape, **kw: Any) -> bool:
+    """True when the run needs activation checkpointing to stay under budget_gib (False: it fits without, and
+    skipping the recomputation is ~25% faster: bench/RESULTS.md)."""
+    return estimate(shape, checkpointing=False, **kw).total / GiB > budget_gib
+
+
+def model_shape(name_or_path: str) -> Shape | None:
+    """The decoder shape from a local model folder's config.json (builtin: names resolved); None if not local."""
+    import json
+
+    path = name_or_path
+    if path.startswith("builtin:"):
+        try:
+            from trainer.assets import builtin_model
+
+            path = str(builtin_model(path.removeprefix("builtin:")))
+        except Exception:  # noqa: BLE001 - no model files here: the plan just shows no estimate
+            return None
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        raw = json.loads(cfg.read_text())
+        raw = raw.get("text_config", raw)
+        return Shape.from_config(raw)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def plan_memory(recipe, *, strategy: str, world_size: int, precision: str) -> dict[str, Any] | None:
+    """For `scalesft plan`: predicted peak GiB per GPU with and without checkpointing, or None (shape unknown)."""
+    shape = model_shape(recipe.model.name_or_path)
+    if shape is None or precision == "fp32":
+        return None
+    q, lo, t, d = recipe.quantization, recipe.lora, recipe.training, recipe.data
+    kw = dict(bits=q.bits, lora_r=lo.r, lora_targets=lo.target_modules, micro_batch=t.micro_batch_size,
+              seq_len=d.max_seq_length, double_quant=q.double_quant, liger=recipe.model.liger_kernel is not False,
+              lora_dropout=lo.dropout, optim=t.optim, strategy=strategy, world_size=world_size)
+    on = estimate(shape, checkpointing=True, **kw)
+    off = estimate(shape, checkpointing=False, **kw)
+    return {"peak_gib_checkpointing": round(on.total / GiB, 1), "peak_gib_no_checkpointing": round(off.total / GiB, 1),
+            "recipe_checkpointing": t.gradient_checkpointing,
+            "breakdown_gib": (on if t.gradient_checkpointing else off).gib()}

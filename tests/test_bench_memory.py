@@ -1,0 +1,67 @@
+"""The peak-memory estimate (launch/memory.py) against peaks measured on an H100 (bench/runs/*.json), and the
+LoRA-correct FLOP count (trainer/flops.py). Pure arithmetic: no torch, milliseconds."""
+
+import pytest
+
+from launch.memory import GiB, choose_checkpointing, estimate
+from trainer.flops import Shape, mfu, peak_tflops, train_flops
+
+LLAMA_8B = Shape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256)
+QLORA = dict(bits=4, lora_r=64, seq_len=1024)
+SEEDS = dict(QLORA, double_quant=False, upcast_fp32=True, liger=False, lora_dropout=0.05, adapter_bytes=4)
+HF_BF16 = dict(QLORA, double_quant=False, adapter_bytes=4)  # transformers.Trainer + peft, no fp32 upcast
+
+# (bench run, variant, estimate kwargs, measured peak allocated GiB)
+MEASURED = [
+    ("run3", "scalesft mb16", dict(QLORA, micro_batch=16), 13.54),
+    ("run3", "scalesft double_quant=false mb16", dict(QLORA, micro_batch=16, double_quant=False), 13.87),
+    ("run3", "scalesft no checkpointing mb8", dict(QLORA, micro_batch=8, checkpointing=False), 44.40),
+    ("run3", "scalesft LoRA bf16 no checkpointing mb8",
+     dict(QLORA, bits=None, micro_batch=8, checkpointing=False), 55.62),
+    ("run3", "seeds mb4 x GA4", dict(SEEDS, micro_batch=4), 19.10),
+    ("run1", "seeds mb4", dict(SEEDS, micro_batch=4), 18.46),
+    ("run1", "seeds + Liger", dict(SEEDS, micro_batch=4, liger=True), 13.24),
+    ("run1", "seeds, dropout 0", dict(SEEDS, micro_batch=4, lora_dropout=0.0), 18.46),
+    ("run1", "bf16 stream", dict(HF_BF16, micro_batch=4, liger=False, lora_dropout=0.05), 14.53),
+    ("run1", "bf16 stream + Liger, d0", dict(HF_BF16, micro_batch=4), 9.42),
+    ("run1", "bf16 stream + Liger, d0, no ckpt", dict(HF_BF16, micro_batch=4, checkpointing=False), 25.28),
+    ("run1", "bf16 stream + Liger, d0, mb16", dict(HF_BF16, micro_batch=16), 14.61),
+    ("run1", "LoRA bf16 + Liger, d0, no ckpt", dict(HF_BF16, bits=None, micro_batch=4, checkpointing=False), 38.83),
+    ("run1", "scalesft mb4 (before varlen/fused LoRA)", dict(QLORA, micro_batch=4), 8.08),
+]
+
+
+@pytest.mark.parametrize("run,variant,kw,measured", MEASURED, ids=[m[1] for m in MEASURED])
+def test_estimate_within_15_percent_of_h100_peaks(run, variant, kw, measured):
+    est = estimate(LLAMA_8B, **kw).total / GiB
+    assert abs(est - measured) / measured <= 0.15, f"{variant}: estimate {est:.2f} GiB vs measured {measured}"
+
+
+def test_strategies_shard_what_they_should():
+    kw = dict(QLORA, micro_batch=4)
+    single = estimate(LLAMA_8B, **kw)
+    z2 = estimate(LLAMA_8B, strategy="zero2", world_size=8, **kw)
+    z3 = estimate(LLAMA_8B, strategy="zero3", world_size=8, **kw)
+    ddp = estimate(LLAMA_8B, strategy="ddp", world_size=8, **kw)
+    assert z2.optimizer == pytest.approx(single.optimizer / 8) and z2.weights == single.weights
+    assert z3.weights < single.weights / 4 and z3.activations == single.activations
+    assert ddp.gradients == 2 * single.gradients and ddp.weights == single.weights
+    assert z3.total < z2.total < single.total < ddp.total
+
+
+def test_checkpointing_choice_follows_the_budget():
+    kw = dict(QLORA, micro_batch=4)
+    assert choose_checkpointing(18.5, LLAMA_8B, **kw) is True  # no-ckpt needs ~27 GiB
+    assert choose_checkpointing(70.0, LLAMA_8B, **kw) is False
+
+
+def test_lora_flops_llama8b():
+    per_tok = train_flops(LLAMA_8B, [1024], lora_r=64) / 1024
+    # FACTS.md: ~30 GFLOP/token without recomputation (2 x 2 x 7.5 B linear params), ~45 with it
+    assert 29e9 < per_tok < 33e9
+    assert 44e9 < train_flops(LLAMA_8B, [1024], lora_r=64, recompute=True) / 1024 < 48e9
+    full = train_flops(LLAMA_8B, [1024], lora_r=None) / 1024
+    assert full > 1.4 * per_tok  # full fine-tuning also computes weight gradients
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("some cpu") is None
+    assert mfu(989.4e12, 1.0, "NVIDIA H100 80GB HBM3") == pytest.approx(1.0)

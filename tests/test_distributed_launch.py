@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.strategy import ACCELERATE_CONFIG_DIR
 from tinyrecipe import REPO, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def launch(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     done: dict[str, Run] = {}
 
-    def run(name: str, *, gpus: int | None = None, strategy: str = "ddp", **sections) -> Run:
+    def run(name: str, *, gpus: int | None = None, strategy: str = "ddp", by_hand: bool = False, **sections) -> Run:
         if name in done:
             return done[name]
         out = root / name
@@ -63,6 +64,12 @@ def launch(tiny, tmp_path_factory):
         if gpus is None:  # one plain process, as `python -m trainer.train` runs it; one thread like each rank
             argv = [sys.executable, "-m", "trainer.train", str(recipe)]
             env["OMP_NUM_THREADS"] = "1"
+        elif by_hand:  # the documented plain `accelerate launch`, none of the variables scalesft train adds
+            argv = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                    str(ACCELERATE_CONFIG_DIR / f"{strategy}.yaml"), "--num_processes", str(gpus),
+                    "--main_process_port", "0", "-m", "trainer.train", str(recipe)]
+            for var in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS", "DS_ACCELERATOR"):
+                env.pop(var, None)
         else:
             argv = [sys.executable, "-m", "launch.cli", "train", str(recipe), "--gpus", str(gpus), "--strategy",
                     strategy, "--device", "cpu", "--port", "0"]
@@ -172,15 +179,19 @@ def test_fsdp2_two_processes(launch, single, tiny):
 
 
 def test_uneven_world_size_three(launch):
-    """Global batch 12: 1 process x micro 2 x accumulation 6 == 3 processes x micro 2 x accumulation 2.
+    """Global batch 12: 1 process x micro 2 x accumulation 6 == 3 processes x micro 2 x accumulation 2, the 3
+    processes started by a plain hand-typed `accelerate launch --config_file accelerate_configs/ddp.yaml`.
 
     5 steps x 12 = 60 of the 64 rows: within one epoch. At the end of an epoch whose rows do not divide by the
     world size (64 over 3 ranks) the distributed sampler repeats rows to even the ranks out, so a 6th step
     differs from the 1-process run by design (measured 1.8e-3), not by a normalisation bug."""
     steps = 5
     one = launch("single12", training={"global_batch_size": 12, "micro_batch_size": 2, "max_steps": steps})
-    three = launch("ddp3", gpus=3, strategy="ddp",
+    three = launch("ddp3", gpus=3, strategy="ddp", by_hand=True,
                    training={"global_batch_size": 12, "micro_batch_size": 2, "max_steps": steps})
+    # typed by hand without ACCELERATE_USE_CPU, the trainer still builds a real 3-rank gloo group (FACTS.md: a
+    # plain launch used to train 3 unsynchronised copies at world size 1)
+    assert all(x["distributed_type"] == "MULTI_CPU" for x in three.ranks)
     assert one.metrics["gradient_accumulation_steps"] == 6
     diff = check_run(three, one, world=3, accumulation=2, strategy="ddp", steps=steps)
     print(f"[equivalence] ddp x3 vs 1 process (global 12): {diff:.3g}")

@@ -56,6 +56,26 @@ profile=${SCALESFT_PROFILE:-default}
 source "$profile"
 export PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}"
 
+# Where rank 0 (on this node: machine rank 0 is the first node, where the batch step runs) reports how the
+# run ended, and where this script asks it to stop even if a signal came before the trainers listened.
+state_dir=${TMPDIR:-/tmp}/scalesft-${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}
+export SCALESFT_STATUS_FILE=$state_dir/status SCALESFT_STOP_FILE=$state_dir/stop SCALESFT_RECIPE=$recipe
+
+if [[ ${SCALESFT_DRY_RUN:-0} != 1 ]]; then
+    mkdir -p "$state_dir"
+    rm -f "$SCALESFT_STATUS_FILE" "$SCALESFT_STOP_FILE"
+    trap 'rm -rf "$state_dir"' EXIT
+    stop_signal=
+    on_signal() {  # forward to the launch step: srun delivers it to every process of the step on every node
+        stop_signal=$1
+        log "got SIG$1: the trainers checkpoint at the next optimizer step and exit"
+        : >"$SCALESFT_STOP_FILE"
+        [[ -z ${step_pid:-} ]] || kill -s "$1" "$step_pid" 2>/dev/null || true
+    }
+    trap 'on_signal USR1' USR1
+    trap 'on_signal TERM' TERM
+fi
+
 # Preflight on the batch node: the recipe loads, output_dir is writable, the allocation matches what was asked
 # for. Prints "PROCS_PER_NODE DEVICE" (DEVICE: gpu or cpu).
 plan=$("$SCALESFT_PYTHON" -m launch.slurm preflight "$recipe" "$@") || exit 2
@@ -75,11 +95,6 @@ if [[ $device == cpu ]]; then
     # reaches them. DeepSpeed has its own switch.
     if [[ -n ${SCALESFT_DS_CONFIG:-} ]]; then export DS_ACCELERATOR=cpu; else export ACCELERATE_USE_CPU=true; fi
 fi
-
-# Where rank 0 (on this node: machine rank 0 is the first node, where the batch step runs) reports how the
-# run ended, and where this script asks it to stop even if a signal came before the trainers listened.
-state_dir=${TMPDIR:-/tmp}/scalesft-${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}
-export SCALESFT_STATUS_FILE=$state_dir/status SCALESFT_STOP_FILE=$state_dir/stop SCALESFT_RECIPE=$recipe
 
 launch_args=(--config_file "$accelerate_config" --num_machines "$nodes" --num_processes "$world"
              --main_process_ip "$main_host" --main_process_port "$SCALESFT_MAIN_PORT"
@@ -106,18 +121,6 @@ if [[ ${SCALESFT_DRY_RUN:-0} == 1 ]]; then
     exit 0
 fi
 
-mkdir -p "$state_dir"
-rm -f "$SCALESFT_STATUS_FILE" "$SCALESFT_STOP_FILE"
-stop_signal=
-on_signal() {  # forward to the launch step: srun delivers it to every process of the step on every node
-    stop_signal=$1
-    log "got SIG$1: the trainers checkpoint at the next optimizer step and exit"
-    : >"$SCALESFT_STOP_FILE"
-    [[ -z ${step_pid:-} ]] || kill -s "$1" "$step_pid" 2>/dev/null || true
-}
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
-
 # In the background + wait: bash runs a trap only between commands, so a foreground srun would defer it.
 "${step[@]}" &
 step_pid=$!
@@ -130,10 +133,12 @@ while :; do
 done
 status=$(cat "$SCALESFT_STATUS_FILE" 2>/dev/null || echo "none")
 log "launch step exited with $rc; trainer status: $status"
-if [[ $stop_signal == USR1 && $status == preempted* ]]; then
+# Stopped early on USR1 (time limit near, or a request): requeue. Not after SIGTERM: a preempting scheduler
+# requeues the job itself, and a cancelled job must stay cancelled.
+if [[ $status == preempted* && $stop_signal != TERM ]]; then
     log "requeueing job $SLURM_JOB_ID: it resumes from the checkpoint just written"
     rm -rf "$state_dir"
-    scontrol requeue "$SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || { log "requeue failed: resubmit the same command to resume"; exit 1; }
     exit 0
 fi
 rm -rf "$state_dir"

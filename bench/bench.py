@@ -347,7 +347,7 @@ def run(spec: dict) -> dict:
         "tokens_timed": tok,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
-        "mfu": None, "gflop_per_token": round(flops_per_tok / 1e9, 2),
+        "mfu": None, "gflop_per_token": float(f"{flops_per_tok / 1e9:.4g}"),
         "load_s": round(load_s, 1), "wall_s": round(wall, 1), "losses": losses, "device": name,
         "engine": model_desc, "knobs": {k: v[k] for k in v if k not in ("recipe",)},
     }
@@ -498,17 +498,16 @@ def suite(args) -> list[dict]:
     return results
 
 
-def smoke(out: str | None = None) -> list[dict]:
-    """CPU, tiny model: both engines, both data cases, in-process. Seconds."""
+def smoke(out: str | None = None, variants: str = "seeds,scalesft") -> list[dict]:
+    """CPU, tiny model (trainer/tiny.py shape): both engines, both data cases, in one process. Seconds."""
     import tempfile
     tmp = Path(out or tempfile.mkdtemp(prefix="bench_smoke_"))
     model = tmp / "model"
     if not (model / "config.json").exists():
         make(str(model), tiny=True)
-    ns = argparse.Namespace(model=str(model), out=str(tmp / "res"), data="fixed,var",
-                            variants="seeds,hf-bf16-liger-d0-padfree,scalesft", mb=2, seq=64, steps=5,
-                            var_steps=5, profile="", override=[], inprocess=True, timeout=600)
-    VARIANTS["hf-bf16-liger-d0-padfree"] = {**VARIANTS["hf-bf16-liger-d0-padfree"], "liger": False}
+    ns = argparse.Namespace(model=str(model), out=str(tmp / "res"), data="fixed,var", variants=variants, mb=2,
+                            seq=32, steps=3, var_steps=3, global_batch=2, warm=1, profile="", override=[],
+                            inprocess=True, timeout=600)
     VARIANTS["scalesft"] = {**VARIANTS["scalesft"], "overrides": ["model.liger_kernel=false"]}
     return suite(ns)
 

@@ -1,10 +1,16 @@
 """Throughput and memory of the seeds' recipe vs scalesft on one GPU, same model, same data, one run.
 
     python bench/bench.py make /dev/shm/llama8b                  # random-init Llama-3.1-8B shape, on the GPU
-    python bench/bench.py suite /dev/shm/llama8b --out DIR       # default: seeds + scalesft, fixed + var
-    python bench/bench.py suite /dev/shm/llama8b --variants seeds,seeds-liger --data fixed --steps 16
+    python bench/bench.py suite /dev/shm/llama8b --out DIR       # seeds (4 x GA 4) vs scalesft (16), fixed + var
+    python bench/bench.py suite /dev/shm/llama8b --variants seeds@4,scalesft-pack@16 --data var
+    python bench/bench.py suite /dev/shm/llama8b --variants seeds,seeds-liger --global-batch 0 --steps 14
     python bench/bench.py list                                   # the variants and their knobs
-    python bench/bench.py --smoke                                # CPU, tiny model, seconds
+    python bench/bench.py --smoke                                # CPU, tiny model, both engines, ~30 s
+    bash bench/gpu.sh "300 fixed seeds@4,scalesft@16" "200 var seeds@4,scalesft@16,scalesft-pack@16"
+                                                                 # on the device machine: wheels, make, suites
+
+NAME@MB runs a variant at micro batch MB; every variant runs the same global batch (--global-batch, default 16)
+on the same rows, so the seeds' 4 x 4 accumulation and scalesft's 16 x 1 compute the same loss per step.
 
 Every variant runs in its own subprocess (clean peak memory, no monkeypatch leaking between variants) on the
 same rows: fixed length (every row `--seq` tokens) or variable length (lognormal, median ~250, clipped to
@@ -68,14 +74,14 @@ VARIANTS: dict[str, dict] = {
                                                                 "training.gradient_checkpointing=false"]),
     "scalesft-nockpt": dict(engine="scalesft", overrides=["training.gradient_checkpointing=false"]),
     "scalesft-pack": dict(engine="scalesft", overrides=["data.packing=true"]),
-    "scalesft-nodq": dict(engine="scalesft", overrides=["quantization.double_quant=false"]),
+    "scalesft-dq": dict(engine="scalesft", overrides=["quantization.double_quant=true"]),
 }
-DEFAULT_SUITE = ["seeds", "scalesft"]
+DEFAULT_SUITE = ["seeds@4", "scalesft@16"]  # same global batch (16): seeds 4 x 4 accumulation, scalesft 16 x 1
 
 # scalesft's default QLoRA recipe for this model, as recipes/ ships it (model/data paths filled in by the bench).
 SCALESFT_RECIPE = {
     "model": {"attn_implementation": "auto", "liger_kernel": "auto"},
-    "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"},
+    "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": False, "compute_dtype": "auto"},
     "lora": {"r": 64, "alpha": 128, "dropout": 0.0, "target_modules": TARGETS},
     "data": {"format": "text", "packing": False},
     "training": {"learning_rate": 2e-4, "lr_scheduler_type": "linear", "optim": "adamw_torch",
@@ -147,7 +153,10 @@ class Collator:
         lab = ids.clone()
         pos = torch.cat([torch.arange(len(r)) for r in rows])[None]
         lab[pos == 0] = -100
-        return {"input_ids": ids, "labels": lab, "position_ids": pos}
+        cu = torch.tensor([0] + [len(r) for r in rows]).cumsum(0).to(torch.int32)
+        longest = max(len(r) for r in rows)
+        return {"input_ids": ids, "labels": lab, "position_ids": pos, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                "max_length_q": longest, "max_length_k": longest}
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -527,10 +536,11 @@ def main(argv=None) -> None:
     s.add_argument("--data", default="fixed,var")
     s.add_argument("--mb", type=int, default=4)
     s.add_argument("--seq", type=int, default=1024)
-    s.add_argument("--steps", type=int, default=16)
-    s.add_argument("--var-steps", type=int, default=24)
-    s.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step (default: mb)")
-    s.add_argument("--warm", type=int, default=3, help="optimizer steps left out of the timing")
+    s.add_argument("--steps", type=int, default=6, help="optimizer steps per variant, fixed-length data")
+    s.add_argument("--var-steps", type=int, default=6, help="optimizer steps per variant, variable-length data")
+    s.add_argument("--global-batch", type=int, default=16,
+                   help="sequences per optimizer step, the same for every variant (0: = each variant's micro batch)")
+    s.add_argument("--warm", type=int, default=2, help="optimizer steps left out of the timing")
     s.add_argument("--profile", default="", help="variants to profile (last two steps)")
     s.add_argument("--override", action="append", help="scalesft recipe override, section.key=value")
     s.add_argument("--inprocess", action="store_true")
@@ -550,7 +560,8 @@ def main(argv=None) -> None:
         print("BENCH_RESULT " + json.dumps(res), flush=True)
     elif a.cmd == "list":
         for k, v in VARIANTS.items():
-            print(k, {**SEEDS, **v})
+            print(k, v if v.get("engine") == "scalesft" else {**SEEDS, **v})
+        print("scalesft recipe:", json.dumps(SCALESFT_RECIPE))
     else:
         ap.print_help()
 

@@ -107,3 +107,20 @@ def test_fused_lora_forward_equals_peft(tiny_model):
     torch.manual_seed(1)
     y = type(d.base_model.model.model.layers[0].self_attn.q_proj).forward  # class forward still reachable
     assert callable(y) and x.shape[-1] > 0
+
+
+def test_varlen_attention_finds_boundaries_from_position_ids(tiny_model):
+    """A collator that gives only position_ids (no cu_seq_lens) must not attend across rows."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model import register_varlen_attention
+
+    torch.manual_seed(0)
+    packed = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=register_varlen_attention(),
+                                                  dtype=torch.float32)
+    lens = [4, 6]
+    rows = [torch.randint(0, 300, (n,)) for n in lens]
+    out = packed(input_ids=torch.cat(rows)[None], position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+                 use_cache=False).logits[0]
+    sep = torch.cat([packed(input_ids=r[None], use_cache=False).logits[0] for r in rows])
+    assert (out - sep).abs().max().item() < 1e-5

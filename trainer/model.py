@@ -48,9 +48,9 @@ def bnb_config(q: QuantizationConfig, compute_dtype: str, quant_storage: str | N
 
 
 VARLEN_ATTN = "sdpa_varlen"
-"""sdpa, except that padding-free batches (TRL's collator passes cu_seq_lens_q) run torch's variable-length flash
-attention per sequence instead of one masked attention over the whole flattened row (T x T work and a T x T
-mask: 16x the attention FLOPs at 16 rows of 1024). Needs the collator's cu_seq_lens for packed rows."""
+"""sdpa, except that padding-free batches run torch's variable-length flash attention per sequence instead of one
+masked attention over the whole flattened row (T x T work and a T x T mask: 16x the attention FLOPs at 16 rows of
+1024). Sequence boundaries come from TRL's collator (cu_seq_lens_q), else from position_ids restarting at 0."""
 
 
 def varlen_available() -> bool:
@@ -101,11 +101,20 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """transformers attention function (query/key/value [B, H, T, D]) -> ([B, T, H, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    import torch
+
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.shape[0] != 1 or not module.training and kwargs.get("past_key_values") is not None:
+    pos = kwargs.get("position_ids")
+    if (cu is None and attention_mask is None and query.shape[0] == 1 and pos is not None
+            and kwargs.get("past_key_values") is None):
+        # packed rows without the collator's boundaries: derive them from position_ids (one sync per layer)
+        starts = (pos.reshape(-1) == 0).nonzero().flatten()
+        if starts.numel() > 1 or (starts.numel() == 1 and int(starts[0]) != 0):
+            cu = torch.cat([starts, starts.new_tensor([pos.numel()])])
+            kwargs = {**kwargs, "max_length_q": None}
+    if cu is None or query.shape[0] != 1 or kwargs.get("past_key_values") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    import torch
 
     cu = cu.to(device=query.device, dtype=torch.int32)
     max_len = kwargs.get("max_length_q")

@@ -60,7 +60,9 @@ def launch(tiny, tmp_path_factory):
         training = {"max_steps": STEPS, **sections.pop("training", {})}
         data = {"max_seq_length": 128, **sections.pop("data", {})}  # nothing truncated: lengths vary 30-120
         recipe = write_recipe(root / f"{name}.yaml", tiny, out, training=training, data=data, **sections)
-        env = dict(os.environ)
+        # the venv's bin first, as when it is activated: torch JIT-builds DeepSpeed's op with the first `ninja` on
+        # PATH, and a different ninja (system vs venv) invalidates the cached build (+25-170 s)
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         if gpus is None:  # one plain process, as `python -m trainer.train` runs it; one thread like each rank
             argv = [sys.executable, "-m", "trainer.train", str(recipe)]
             env["OMP_NUM_THREADS"] = "1"

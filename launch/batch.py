@@ -60,3 +60,11 @@ def steps_per_epoch(num_rows: int, global_batch_size: int) -> int:
     if num_rows < 1:
         raise BatchError(f"the training set is empty (0 rows); it needs at least {global_batch_size}")
     return math.ceil(num_rows / global_batch_size)
+
+
+def repeated_rows_per_epoch(num_rows: int, micro_batch_size: int, world_size: int) -> int:
+    """Rows that an epoch serves twice so every rank gets the same number of full micro batches (accelerate's
+    even_batches cycles back to the first rows). Non-zero means an N-process epoch is not the 1-process epoch
+    at its very end: its last optimizer step differs from the 1-process run's."""
+    per_round = micro_batch_size * world_size
+    return math.ceil(num_rows / per_round) * per_round - num_rows

@@ -1,6 +1,6 @@
 """`scalesft plan`: what a recipe does at each world size, before anything runs.
 
-    scalesft plan RECIPE [section.key=value ...] --nodes 1 2 --gpus-per-node 8 [--strategy zero3] [--json]
+    scalesft plan RECIPE [section.key=value ...] --nodes 1,2 --gpus-per-node 8 [--strategy zero3] [--json]
 
 For every (nodes x gpus-per-node) asked: micro batch, gradient accumulation, global batch, the most tokens
 one optimizer step can hold, steps per epoch (when the data is a local file), precision, checkpointing,
@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from launch.batch import plan_batch, steps_per_epoch
+from launch.batch import plan_batch, repeated_rows_per_epoch, steps_per_epoch
 from launch.preflight import check_rows, count_rows, train_rows
 from launch.memory import plan_memory
 from launch.render import render_launch
@@ -39,10 +39,11 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
         for g in gpus_per_node:
             world = n * g
             batch = plan_batch(t.global_batch_size, t.micro_batch_size, world)
-            spe = None
+            spe = repeated = None
             if n_train is not None:
                 check_rows(n_train, world, where=f"the training set ({recipe.data.path})")
                 spe = steps_per_epoch(n_train, t.global_batch_size)
+                repeated = repeated_rows_per_epoch(n_train, t.micro_batch_size, world)
             total = t.max_steps if t.max_steps > 0 else (None if spe is None else
                                                          max(1, round(spe * t.num_train_epochs)))
             cmd = render_launch(recipe=recipe_path, overrides=overrides, strategy=strategy, num_processes=world,
@@ -55,7 +56,8 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
                 "gradient_accumulation_steps": batch.gradient_accumulation_steps,
                 "global_batch_size": batch.global_batch_size,
                 "max_tokens_per_step": batch.global_batch_size * recipe.data.max_seq_length,
-                "train_rows": n_train, "steps_per_epoch": spe, "optimizer_steps": total,
+                "train_rows": n_train, "steps_per_epoch": spe, "repeated_rows_per_epoch": repeated,
+                "optimizer_steps": total,
                 "precision": precision,
                 "gradient_checkpointing": checkpointing_label(qlora.gradient_checkpointing_reentrant),
                 "qlora": {**asdict(qlora), "quant_type": q.quant_type if q.bits == 4 else None,
@@ -89,6 +91,10 @@ def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
     if e0["train_rows"] is None:
         lines.append("steps per epoch: unknown until the data loads (not a local file)")
     for e in entries:
+        if e["repeated_rows_per_epoch"]:
+            lines.append(f"world size {e['world_size']}: {e['train_rows']} rows do not fill whole micro batches on "
+                         f"every rank; each epoch repeats {e['repeated_rows_per_epoch']} rows at its end")
+    for e in entries:
         m = e.get("memory")
         if m:
             ck = "on" if m["recipe_checkpointing"] else "off"
@@ -105,11 +111,23 @@ def _dash(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
+    return values
+
+
 def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--nodes", type=int, nargs="+", default=[1], help="node counts to plan (default 1)")
-    p.add_argument("--gpus-per-node", type=int, nargs="+", default=[1], help="processes per node (default 1)")
+    p.add_argument("--nodes", type=_int_list, action="extend", default=None,
+                   help="node counts to plan, e.g. 1 or 1,2,4 (default 1)")
+    p.add_argument("--gpus-per-node", type=_int_list, action="extend", default=None,
+                   help="processes per node, e.g. 8 or 2,4,8 (default 1)")
     p.add_argument("--strategy", default="ddp", choices=list(STRATEGIES))
     p.add_argument("--cpu", action="store_true", help="plan CPU processes (gloo, fp32) instead of GPUs")
     p.add_argument("--accelerate-config", default=None, help="use this accelerate config instead of the shipped one")
@@ -122,8 +140,8 @@ def plan_command(args: argparse.Namespace) -> int:
     from trainer.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides, nodes=args.nodes,
-                           gpus_per_node=args.gpus_per_node, strategy=args.strategy, cpu=args.cpu,
+    entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides, nodes=args.nodes or [1],
+                           gpus_per_node=args.gpus_per_node or [1], strategy=args.strategy, cpu=args.cpu,
                            main_process_port=args.port, accelerate_config=args.accelerate_config)
     print(json.dumps(entries, indent=2) if args.json else format_plan(entries, args.recipe))
     return 0

@@ -102,3 +102,21 @@ def test_steps_per_epoch_covers_every_row_once(rows, global_batch):
 def test_empty_training_set():
     with pytest.raises(BatchError, match="empty"):
         steps_per_epoch(0, 8)
+
+
+def test_repeated_rows_per_epoch():
+    from launch.batch import repeated_rows_per_epoch
+
+    assert repeated_rows_per_epoch(64, 2, 2) == 0
+    assert repeated_rows_per_epoch(64, 2, 3) == 2   # measured: 3 ranks see 66 rows in the first epoch
+    assert repeated_rows_per_epoch(64, 2, 1) == 0
+    assert repeated_rows_per_epoch(5, 4, 2) == 3
+
+
+@given(rows=st.integers(min_value=1, max_value=10_000), micro=st.integers(min_value=1, max_value=16),
+       world=st.integers(min_value=1, max_value=256))
+def test_repeated_rows_fill_exactly_whole_rounds(rows, micro, world):
+    from launch.batch import repeated_rows_per_epoch
+
+    extra = repeated_rows_per_epoch(rows, micro, world)
+    assert 0 <= extra < micro * world and (rows + extra) % (micro * world) == 0

@@ -102,7 +102,7 @@ def test_resolve_qlora_per_strategy():
 
 
 def test_plan_json(recipe, capsys):
-    rc = plan_mod.main([str(recipe), "--nodes", "1", "2", "--gpus-per-node", "2", "4", "--strategy", "zero3",
+    rc = plan_mod.main([str(recipe), "--nodes", "1,2", "--gpus-per-node", "2", "--gpus-per-node", "4", "--strategy", "zero3",
                         "--json", "training.max_steps=7"])
     assert rc == 0
     entries = json.loads(capsys.readouterr().out)
@@ -112,6 +112,7 @@ def test_plan_json(recipe, capsys):
                 "command"} <= set(e)
         assert e["micro_batch_size"] * e["gradient_accumulation_steps"] * e["world_size"] == e["global_batch_size"] == 16
         assert e["strategy"] == "zero3" and e["steps_per_epoch"] == 4 and e["optimizer_steps"] == 7
+        assert e["repeated_rows_per_epoch"] == 0  # 64 rows over micro 2 x 2, 4 or 8 ranks
         assert e["max_tokens_per_step"] == 16 * 256
         assert e["precision"] == "bf16" and e["gradient_checkpointing"] == "reentrant"
         assert e["qlora"]["quant_storage"] == "bfloat16" and e["qlora"]["device_map"] is None
@@ -186,6 +187,12 @@ def test_refuses_a_missing_accelerate_config(recipe, capsys, tmp_path):
     err = refused(capsys, [str(recipe), "--gpus", "2", "--device", "cpu", "--dry-run",
                            "--accelerate-config", str(tmp_path / "nope.yaml")])
     assert f"accelerate config file '{tmp_path / 'nope.yaml'}' does not exist" in err
+
+
+def test_plan_warns_when_an_epoch_repeats_rows(recipe, capsys):
+    assert plan_mod.main([str(recipe), "--gpus-per-node", "3", "training.global_batch_size=12"]) == 0
+    assert "world size 3: 64 rows do not fill whole micro batches on every rank; each epoch repeats 2 rows" in \
+        capsys.readouterr().out
 
 
 def test_plan_refuses_with_one_line(recipe, capsys):

@@ -65,3 +65,29 @@ def test_lora_flops_llama8b():
     assert full > 1.4 * per_tok  # full fine-tuning also computes weight gradients
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("some cpu") is None
     assert mfu(989.4e12, 1.0, "NVIDIA H100 80GB HBM3") == pytest.approx(1.0)
+
+
+def test_scalesft_plan_shows_the_estimate(tmp_path):
+    import json
+
+    from launch.plan import format_plan, plan_entries
+    from trainer.config import recipe_from_dict
+
+    model = tmp_path / "llama8b"
+    model.mkdir()
+    json.dump({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+              open(model / "config.json", "w"))
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(model)}, "quantization": {"bits": 4, "double_quant": False},
+        "lora": {"r": 64, "alpha": 128, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"]},
+        "data": {"path": str(tmp_path / "rows.json"), "max_seq_length": 1024},
+        "training": {"output_dir": str(tmp_path / "out"), "global_batch_size": 32, "micro_batch_size": 16}})
+    entries = plan_entries(recipe, recipe_path="r.yaml", overrides=[], nodes=[1], gpus_per_node=[1, 2],
+                           strategy="ddp")
+    m = entries[0]["memory"]
+    assert abs(m["peak_gib_checkpointing"] - 13.87) / 13.87 < 0.15  # measured on an H100 (bench/RESULTS.md)
+    assert m["peak_gib_no_checkpointing"] > 2 * m["peak_gib_checkpointing"]
+    assert entries[1]["memory"]["peak_gib_checkpointing"] > m["peak_gib_checkpointing"]  # DDP buckets
+    assert "predicted peak memory per GPU at world size 1: 13.5 GiB" in format_plan(entries, "r.yaml")

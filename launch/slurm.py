@@ -248,8 +248,12 @@ def dry_run(cmd: SbatchCommand) -> str:
 
 def submit(cmd: SbatchCommand) -> str:
     """Run sbatch; return the job id. The one call site that submits."""
-    p = subprocess.run([*cmd.argv[:1], "--parsable", *cmd.argv[1:]], env={**os.environ, **cmd.env},
-                       capture_output=True, text=True)
+    try:
+        p = subprocess.run([*cmd.argv[:1], "--parsable", *cmd.argv[1:]], env={**os.environ, **cmd.env},
+                           capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SlurmError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run to see "
+                         "the command") from None
     if p.returncode:
         raise SlurmError(f"sbatch failed ({p.returncode}): {p.stderr.strip()}")
     return p.stdout.strip().split(";")[0]

@@ -74,8 +74,8 @@ class Cluster:
         return rec
 
     def wait(self, job: str, timeout: float, until=None) -> dict[str, str]:
-        """Wait until the job is finished (its jobcomp record exists and it is no longer queued or running),
-        or until `until(state)` is true. Returns the last scontrol state seen (or the jobcomp record)."""
+        """Wait until the job is finished (a final state, or gone from the controller), or until `until(state)`
+        is true. Returns the last scontrol state seen (or the jobcomp record once the job is gone)."""
         end = time.monotonic() + timeout
         last: dict[str, str] = {}
         while time.monotonic() < end:
@@ -87,7 +87,7 @@ class Cluster:
                 if until is None and st.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
                                                              "NODE_FAIL", "OUT_OF_MEMORY"}:
                     return st
-            elif until is None:
+            else:  # gone from the controller (MinJobAge): its last jobcomp record
                 return self.final_record(job) or last
             time.sleep(0.25)
         raise TimeoutError(f"job {job} not done after {timeout} s; last state {last.get('JobState')}\n"

@@ -93,8 +93,11 @@ def test_preempt_requeue_resume_is_exact(slurm_cluster, slurm_tiny, reference, t
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     t_signal = time.monotonic()
 
-    rec = slurm_cluster.wait(job, timeout=240,
-                             until=lambda st: st.get("JobState") == "COMPLETED" and st.get("Restarts") == "1")
+    # Done: completed after one restart. Failing or cancelled at any point also ends the wait (while it is
+    # requeued the job reads REQUEUED/PENDING, never one of these).
+    rec = slurm_cluster.wait(job, timeout=240, until=lambda st: (
+        st.get("JobState") == "COMPLETED" and st.get("Restarts") == "1")
+        or st.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"))
     text = log.read_text(errors="replace")
     assert rec.get("JobState") == "COMPLETED" and rec.get("Restarts") == "1", text[-4000:]
     figure(f"preempted job {job}: {time.monotonic() - t0:.1f} s end to end (signal to done "

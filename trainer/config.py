@@ -126,6 +126,8 @@ class TrainingConfig:
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing (reentrant only where a backend needs it)."""
     seed: int = 42
+    ddp_timeout: int = 1800
+    """Seconds a collective may wait before the job fails (a hung rank). Lower it to fail faster."""
     logging_steps: int = 10
     eval_steps: int | None = None
     save_steps: int = 500

@@ -94,6 +94,7 @@ def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": r.strategy.reentrant} if t.gradient_checkpointing else None,
         seed=t.seed,
+        ddp_timeout=t.ddp_timeout,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,

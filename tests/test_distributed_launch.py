@@ -108,10 +108,13 @@ def check_run(r: Run, single: Run, *, world: int, accumulation: int, strategy: s
     # one start line per rank, with the resolved plan
     for rank in range(world):
         assert (f"rank {rank} (local {rank}) of {world}: strategy={strategy} device=cpu micro_batch=2 "
-                f"grad_accum={accumulation} global_batch={2 * accumulation * world}") in r.stdout
+                f"grad_accum={accumulation} global_batch={2 * accumulation * world} precision=fp32 "
+                f"quant_storage=None") in r.stdout
     # every rank reported, from a real process group of that size
     assert [x["rank"] for x in r.ranks] == list(range(world))
     assert all(x["process_group_size"] == world and x["strategy"] == strategy for x in r.ranks)
+    # the checkpoint reentrancy each backend needs: reentrant only under ZeRO-3
+    assert all(x["reentrant_checkpointing"] is (strategy == "zero3") for x in r.ranks)
     # identical full adapters on every rank, equal to the saved file (so the file is the whole adapter)
     saved = r.adapter()
     assert {x["adapter_digest"] for x in r.ranks} == {adapter_digest(saved)}
@@ -207,7 +210,8 @@ def test_qlora_4bit_ddp_two_processes(launch, tiny):
         assert x["params4bit"] > 0 and x["quant_storage"] == "uint8"  # 4-bit weights, whole on each rank
     assert len({x["adapter_digest"] for x in r.ranks}) == 1
     for rank in range(2):
-        assert f"rank {rank} (local {rank}) of 2: strategy=ddp device=cpu micro_batch=2 grad_accum=2" in r.stdout
+        assert (f"rank {rank} (local {rank}) of 2: strategy=ddp device=cpu micro_batch=2 grad_accum=2 "
+                "global_batch=8 precision=fp32 quant_storage=uint8") in r.stdout
     assert r.metrics["global_step"] == STEPS and r.metrics["world_size"] == 2
     from trainer.distributed import adapter_digest
 

@@ -131,8 +131,13 @@ def model_shape(name_or_path: str) -> Shape | None:
         except Exception:  # noqa: BLE001 - no model files here: the plan just shows no estimate
             return None
     cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
+    if not cfg.is_file():  # a hub id: its config.json in the local HF cache, if downloaded
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+        if not isinstance(cached, str):
+            return None
+        cfg = Path(cached)
     try:
         raw = json.loads(cfg.read_text())
         raw = raw.get("text_config", raw)

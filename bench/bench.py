@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -264,7 +263,7 @@ def run(spec: dict) -> dict:
         per_device = mb
     coll = Collator("pad" if collate == "pad" else "flat")
 
-    marks, losses, seqlens = [], [], []
+    marks, losses = [], []
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **k):

@@ -134,7 +134,10 @@ def model_shape(name_or_path: str) -> Shape | None:
     if not cfg.is_file():  # a hub id: its config.json in the local HF cache, if downloaded
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name_or_path, "config.json")
+        try:
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+        except ValueError:  # a local path that does not exist, not a repo id
+            return None
         if not isinstance(cached, str):
             return None
         cfg = Path(cached)

@@ -31,9 +31,19 @@ def accelerate_executable() -> str:
     return str(sibling) if sibling.exists() else "accelerate"
 
 
+def run_command(argv: list[str], env: dict[str, str] | None = None, *, inherit_env: bool = True,
+                cwd: str | Path | None = None, capture: bool = False,
+                timeout: float | None = None) -> subprocess.CompletedProcess:
+    """The one place scalesft starts a process: an argv list (never a shell string) and the variables to set,
+    on top of this environment unless inherit_env is False (env is then the whole environment)."""
+    full = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
+    return subprocess.run(argv, env=full, cwd=cwd, capture_output=capture, text=True, timeout=timeout,
+                          check=False)
+
+
 def execute(cmd: LaunchCommand, *, cwd: str | Path | None = None) -> int:
     """Run the rendered command with its variables on top of this environment; return its exit status."""
-    return subprocess.run(cmd.argv, env={**os.environ, **cmd.env}, cwd=cwd, check=False).returncode
+    return run_command(cmd.argv, cmd.env, cwd=cwd).returncode
 
 
 def prepare_train(args: argparse.Namespace) -> LaunchCommand:

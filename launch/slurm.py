@@ -12,13 +12,15 @@ No torch import here.
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+
+from launch.render import LaunchCommand
+from launch.run import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "slurm" / "train.sh"
@@ -36,16 +38,9 @@ class SlurmError(ValueError):
     """A Slurm submission or allocation that cannot work: one line with the fix."""
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SbatchCommand:
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    """Variables set on top of the submitting environment (sbatch --export=ALL passes them to the job)."""
-
-    def shell(self) -> str:
-        """One copy-pasteable line (for printing only; never executed as a string)."""
-        return " ".join([f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
-                        + [shlex.quote(a) for a in self.argv])
+SbatchCommand = LaunchCommand
+"""An sbatch invocation: argv + the variables set on top of the submitting environment (sbatch --export=ALL
+passes them to the job)."""
 
 
 def render_sbatch(*, recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), nodes: int,
@@ -128,7 +123,7 @@ def visible_gpus(env: Mapping[str, str]) -> int:
     if cvd is not None:
         return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        out = run_command(["nvidia-smi", "-L"], capture=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
@@ -238,8 +233,8 @@ def dry_run(cmd: SbatchCommand) -> str:
         env["CUDA_VISIBLE_DEVICES"] = ""
     i = cmd.argv.index("--export=ALL")
     template, script_args = cmd.argv[i + 1], cmd.argv[i + 2:]
-    p = subprocess.run(["bash", template, *script_args], env=env, capture_output=True, text=True,
-                       cwd=cmd.env.get("SCALESFT_HOME"))
+    p = run_command(["bash", template, *script_args], env, inherit_env=False, capture=True,
+                    cwd=cmd.env.get("SCALESFT_HOME"))
     if p.returncode:
         raise SlurmError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"template failed ({p.returncode})")
     return (f"# submit:\n{cmd.shell()}\n# the batch step then runs (on a {cmd.env['SCALESFT_NODES']}-node "
@@ -249,8 +244,7 @@ def dry_run(cmd: SbatchCommand) -> str:
 def submit(cmd: SbatchCommand) -> str:
     """Run sbatch; return the job id. The one call site that submits."""
     try:
-        p = subprocess.run([*cmd.argv[:1], "--parsable", *cmd.argv[1:]], env={**os.environ, **cmd.env},
-                           capture_output=True, text=True)
+        p = run_command([*cmd.argv[:1], "--parsable", *cmd.argv[1:]], cmd.env, capture=True)
     except FileNotFoundError:
         raise SlurmError("sbatch is not on PATH: submit from a Slurm login node, or use --dry-run to see "
                          "the command") from None

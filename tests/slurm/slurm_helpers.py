@@ -115,18 +115,11 @@ class Run:
 
 
 def write_recipe(path: Path, tiny: dict[str, Path], output_dir: Path, **training) -> Path:
-    import yaml
+    """The tests' tiny recipe (tests/tinyrecipe.py), 30 steps with a checkpoint every 5."""
+    from tinyrecipe import write_recipe as tiny_recipe
 
-    recipe = {
-        "model": {"name_or_path": str(tiny["model"])},
-        "data": {"path": str(tiny["data"]), "format": "qa", "template": "ko-qa", "max_seq_length": 64},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {"output_dir": str(output_dir), "global_batch_size": 8, "micro_batch_size": 2,
-                     "max_steps": 30, "learning_rate": 1.0e-2, "logging_steps": 1, "save_steps": 5,
-                     "save_total_limit": 3, "gradient_checkpointing": True, "seed": 0, **training},
-    }
-    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
-    return path
+    return tiny_recipe(path, tiny, output_dir,
+                       training={"max_steps": 30, "save_steps": 5, "save_total_limit": 3, **training})
 
 
 def job_env(tmp: Path, procs_per_node: int | None = None, **extra: str) -> dict[str, str]:

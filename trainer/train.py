@@ -168,10 +168,9 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(redacted(recipe.to_dict()), allow_unicode=True,
-                                                        sort_keys=False))
-        print("[scalesft] recipe:\n" + yaml.safe_dump(redacted(recipe.to_dict()), allow_unicode=True,
-                                                      sort_keys=False), flush=True)
+        resolved_yaml = yaml.safe_dump(redacted(recipe.to_dict()), allow_unicode=True, sort_keys=False)
+        (out / "recipe.yaml").write_text(resolved_yaml)
+        print("[scalesft] recipe:\n" + resolved_yaml, flush=True)
         if recipe.training.report_to == "wandb":
             env = wandb_environment(recipe, out)
             os.environ.update(env)

@@ -173,3 +173,33 @@ def test_pure_hardware_checks():
     assert precision("auto", Hardware(cuda=True, bf16=False, device_name="Tesla T4")) == "fp16"
     with pytest.raises(RecipeError, match="training.precision=bf16 but Tesla T4 has no native bfloat16"):
         precision("bf16", Hardware(cuda=True, bf16=False, device_name="Tesla T4"))
+
+
+def test_secrets_never_reach_logs_rendered_commands_or_saved_files(tiny, tmp_path):
+    """HF_TOKEN and WANDB_API_KEY in the environment: absent from a real run's output (console, output_dir,
+    checkpoints, the W&B offline run) and from the rendered launch and sbatch commands."""
+    import os
+    import subprocess
+    import sys
+
+    from tinyrecipe import REPO
+
+    secrets = {"HF_TOKEN": "hf_SCALESFTsecret123", "WANDB_API_KEY": "wandbSCALESFTsecret456"}
+    env = {**os.environ, **secrets, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out",
+                        training={"max_steps": 2, "save_steps": 1, "report_to": "wandb"})
+    runs = [subprocess.run([sys.executable, "-m", "trainer.train", str(path)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)]
+    assert runs[0].returncode == 0, runs[0].stderr[-2000:]
+    for argv in (["train", str(path), "--gpus", "2", "--strategy", "zero3", "--dry-run"],
+                 ["slurm", str(path), "--nodes", "2", "--gpus-per-node", "0", "--dry-run"]):
+        runs.append(subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=REPO, env=env,
+                                   capture_output=True, text=True, timeout=120))
+        assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "adapter_model.safetensors" for p in files) and any("offline-run" in str(p) for p in files)
+    for value in secrets.values():
+        for run in runs:
+            assert value not in run.stdout + run.stderr
+        for p in files:
+            assert value.encode() not in p.read_bytes(), p

@@ -132,3 +132,18 @@ def test_packing_keeps_sequence_boundaries(tok):
         assert labels[s] == IGNORE  # the first token of a sequence is never a target
     # Every loss token of the unpacked rows survives packing.
     assert int((labels != IGNORE).sum()) == sum(sum(l != IGNORE for l in x) - (x[0] != IGNORE) for x in ds["labels"])
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_every_local_file_type_reads_the_same_rows(tmp_path, suffix):
+    import datasets
+
+    rows = [{"question": f"질문 {i}", "answer": f"답변 {i}"} for i in range(5)]
+    f = tmp_path / f"rows{suffix}"
+    ds = datasets.Dataset.from_list(rows)
+    {".json": lambda: f.write_text(json.dumps(rows, ensure_ascii=False)),
+     ".jsonl": lambda: ds.to_json(str(f), force_ascii=False),
+     ".csv": lambda: ds.to_csv(str(f), index=False),
+     ".parquet": lambda: ds.to_parquet(str(f))}[suffix]()
+    assert read_rows(DataConfig(path=str(f))) == rows
+    assert read_rows(DataConfig(path=str(f), limit=2)) == rows[:2]

@@ -122,15 +122,16 @@ def test_padding_free_equals_padded(tiny, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_qlora_4bit_trains_on_cpu(tiny, tmp_path):
+@pytest.mark.parametrize("bits, layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
+def test_quantized_lora_trains_on_cpu(tiny, tmp_path, bits, layer):
     import bitsandbytes as bnb
 
     cap = CaptureLogits()
     recipe = load_recipe(write_recipe(tmp_path / "q.yaml", tiny, tmp_path / "out",
-                                      quantization={"bits": 4}, training={"max_steps": 2}))
+                                      quantization={"bits": bits}, training={"max_steps": 2}))
     m = train(recipe, callbacks=[cap])
-    n4 = sum(isinstance(mod, bnb.nn.Linear4bit) for mod in cap.model.modules())
-    assert n4 == 14  # 2 layers x 7 projections stored in nf4
+    quantized = sum(isinstance(mod, getattr(bnb.nn, layer)) for mod in cap.model.modules())
+    assert quantized == 14  # 2 layers x 7 projections stored in 4 or 8 bits
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in m["train_loss"])
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 

@@ -24,7 +24,6 @@ from launch.run import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "slurm" / "train.sh"
-PROFILES = ROOT / "slurm" / "profiles"
 
 # Filesystems that every node of a cluster sees the same way. Anything else (ext4, xfs, tmpfs, overlay...)
 # is assumed node-local: a checkpoint written there is invisible to a requeued job on another node.

@@ -66,7 +66,6 @@ class LoraConfig:
     use_dora: bool = False
 
 
-FORMATS = ("qa", "alpaca", "messages", "text")
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "qa": {"question": "question", "answer": "answer"},
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},

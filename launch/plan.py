@@ -148,12 +148,9 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def plan_cli(args: argparse.Namespace) -> int:
-    """plan_command with every user error (RecipeError, BatchError, StrategyError, LaunchError) as one line."""
-    try:
-        return plan_command(args)
-    except ValueError as e:
-        print(f"scalesft plan: error: {e}", file=sys.stderr)
-        return 2
+    from launch.run import one_line_errors
+
+    return one_line_errors("scalesft plan", plan_command, args)
 
 
 def main(argv: list[str] | None = None) -> int:

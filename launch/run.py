@@ -107,13 +107,18 @@ def train_command(args: argparse.Namespace) -> int:
     return execute(cmd)
 
 
-def train_cli(args: argparse.Namespace) -> int:
-    """train_command with every user error as one line on stderr and exit status 2."""
+def one_line_errors(prog: str, command, args: argparse.Namespace) -> int:
+    """Run a subcommand; every user error (a ValueError subclass: RecipeError, BatchError, StrategyError,
+    LaunchError, ...) becomes one line on stderr and exit status 2."""
     try:
-        return train_command(args)
+        return command(args)
     except ValueError as e:
-        print(f"scalesft train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def train_cli(args: argparse.Namespace) -> int:
+    return one_line_errors("scalesft train", train_command, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,6 +136,25 @@ def test_quantized_lora_trains_on_cpu(tiny, tmp_path, bits, layer):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+def test_4bit_answers_before_training_change_nothing(tiny, tmp_path):
+    """On every CPU kind: sample answers before training (an eval-mode, no-grad 4-bit forward) leave the run
+    bit-identical to one without them. On CPUs with avx512_bf16, bitsandbytes would otherwise switch those
+    layers to an inference-only layout with no backward (trainer/model.py keep_trainable_4bit_layout)."""
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for name, prompts in (("plain", []), ("sampled", ["테스트 질문입니다?"])):
+        recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", tiny, tmp_path / name,
+                                          quantization={"bits": 4},
+                                          training={"max_steps": 2, "sample_prompts": prompts}))
+        m = train(recipe)
+        if prompts:
+            assert m["samples"][0]["prompt"] == prompts[0]
+        adapters[name] = load_file(tmp_path / name / "adapter_model.safetensors")
+    a, b = adapters["plain"], adapters["sampled"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture()
 def tokenizer_only(tiny, tmp_path):
     """A model folder with the tokenizer but no weights: a run that reached model loading would crash with

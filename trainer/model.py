@@ -157,11 +157,30 @@ def load_model(cfg: ModelConfig, q: QuantizationConfig, *, dtype: str, attn: str
         kwargs["device_map"] = strategy.device_map
     model = AutoModelForCausalLM.from_pretrained(model_path(cfg), **kwargs)
     model.config.use_cache = False  # no KV cache in training (and it conflicts with checkpointing)
+    if q.bits == 4:
+        keep_trainable_4bit_layout(model)
     if liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model)
     return model
+
+
+def keep_trainable_4bit_layout(model) -> int:
+    """Keep bitsandbytes' 4-bit weights in the layout training needs, on every CPU; return the layers touched.
+
+    On CPUs with avx512_bf16, bitsandbytes 0.50 repacks a Linear4bit's weight into an inference-only layout
+    the first time it runs in eval mode without grad (a sample answer before training, an eval step), and from
+    then on runs it through `gemv_4bit`, which has no backward: training after that would either crash (input
+    widths below the 64-value block: `shape '[32, 0]' is invalid`) or send no gradient through the base layers.
+    The switch is the layer's own `support_avx512bf16_for_cpu` attribute (set in its __init__); turning it off
+    keeps the one layout that both inference and training use. Costs nothing on GPUs (the path is CPU-only)."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def peft_config(lo: LoraConfig):

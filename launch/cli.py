@@ -13,6 +13,7 @@ Heavy imports happen inside the subcommands, so `scalesft --help` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -23,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
         return train_cli(args)
     from trainer.train import main as train_main
 
-    return train_main([args.recipe, *args.overrides])
+    return train_main([args.recipe, *args.overrides, *(["--verbose"] if args.verbose else [])])
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -46,6 +47,7 @@ def _chat(args: argparse.Namespace) -> int:
         answer(model, tokenizer, recipe, line.strip(), max_new_tokens=args.max_new_tokens, stream=True,
                sample=args.sample)
         print("> ", end="", flush=True)
+    print(flush=True)  # leave the terminal on a fresh line at Ctrl-D
     return 0
 
 
@@ -66,6 +68,8 @@ def make_parser() -> argparse.ArgumentParser:
     from launch.run import add_launch_options
 
     add_launch_options(t)
+    t.add_argument("--verbose", action="store_true",
+                   help="keep third-party warnings and progress bars; print the resolved recipe")
     t.set_defaults(func=_train)
 
     from launch.plan import add_plan_arguments, plan_cli
@@ -106,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from trainer.console import VERBOSE_ENV, quiet
+
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"  # also for the processes accelerate launch starts
+    quiet()
     try:
         return args.func(args)
     except RecipeError as e:

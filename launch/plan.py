@@ -63,7 +63,9 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
                 "qlora": {**asdict(qlora), "quant_type": q.quant_type if q.bits == 4 else None,
                           "double_quant": q.double_quant if q.bits == 4 else None},
                 "strategy_summary": spec.summary,
-                "memory": plan_memory(recipe, strategy=strategy, world_size=world, precision=precision),
+                "memory": (memory := plan_memory(recipe, strategy=strategy, world_size=world,
+                                                 precision=precision)),
+                "memory_unavailable": None if memory else _no_memory_reason(recipe, precision),
                 "command": cmd.shell(), "argv": cmd.argv, "env": cmd.env,
             })
     return entries
@@ -101,10 +103,19 @@ def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
             lines.append(f"predicted peak memory per GPU at world size {e['world_size']}: "
                          f"{m['peak_gib_checkpointing']} GiB with activation checkpointing, "
                          f"{m['peak_gib_no_checkpointing']} GiB without (recipe: {ck}; launch/memory.py)")
+    if e0.get("memory_unavailable"):
+        lines.append(f"predicted peak memory: {e0['memory_unavailable']}")
     for e in entries:
         lines.append(f"command (node 0 of {e['nodes']}, world size {e['world_size']}):")
         lines.append(f"  {e['command']}")
     return "\n".join(lines)
+
+
+def _no_memory_reason(recipe, precision: str) -> str:
+    if precision == "fp32":
+        return "no estimate for fp32 (CPU) runs: the model covers bf16/fp16 GPU training"
+    return (f"no config.json for model.name_or_path '{recipe.model.name_or_path}' on this machine (not a local "
+            "folder, not in the local HF cache): download the model or give its local folder")
 
 
 def _dash(v: Any) -> str:
@@ -150,7 +161,28 @@ def plan_command(args: argparse.Namespace) -> int:
 def plan_cli(args: argparse.Namespace) -> int:
     from launch.run import one_line_errors
 
-    return one_line_errors("scalesft plan", plan_command, args)
+    if not args.json:
+        return one_line_errors("scalesft plan", plan_command, args)
+    # --json: stdout carries exactly one JSON document. Whatever a library prints while planning goes to stderr,
+    # and a user error is a JSON object {"error": ...} (and the usual line on stderr), exit status 2.
+    import contextlib
+
+    out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            from trainer.config import load_recipe
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides,
+                                   nodes=args.nodes or [1], gpus_per_node=args.gpus_per_node or [1],
+                                   strategy=args.strategy, cpu=args.cpu, main_process_port=args.port,
+                                   accelerate_config=args.accelerate_config)
+        except ValueError as e:
+            print(f"scalesft plan: error: {e}", file=sys.stderr)
+            print(json.dumps({"error": str(e)}), file=out)
+            return 2
+    print(json.dumps(entries, indent=2), file=out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ No torch import here.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from launch.batch import BatchError, plan_batch
 from launch.render import LaunchCommand
 from launch.run import run_command
 
@@ -285,6 +287,27 @@ def run_cli(args) -> int:
         return 2
 
 
+_TIME = re.compile(r"^(\d+-\d+(:\d+(:\d+)?)?|\d+(:\d+(:\d+)?)?|UNLIMITED|INFINITE)$")
+_PARTITION = re.compile(r"^[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*$")
+
+
+def check_job_options(*, partition: str | None, time: str | None, nodes: int, gpus_per_node: int,
+                      procs_per_node: int | None) -> None:
+    """sbatch's own syntax for the options scalesft passes through, checked before anything is rendered. Pure."""
+    if nodes < 1:
+        raise SlurmError(f"--nodes must be >= 1, got {nodes}")
+    if gpus_per_node < 0:
+        raise SlurmError(f"--gpus-per-node must be >= 0 (0 for CPU nodes), got {gpus_per_node}")
+    if procs_per_node is not None and procs_per_node < 1:
+        raise SlurmError(f"--procs-per-node must be >= 1, got {procs_per_node}")
+    if partition is not None and not _PARTITION.match(partition):
+        raise SlurmError(f"--partition {partition!r} is not a partition name (letters, digits, '_', '-', '.'; "
+                         "a comma-separated list for several): see `sinfo -s`")
+    if time is not None and not _TIME.match(time):
+        raise SlurmError(f"--time {time!r} is not a Slurm time limit: use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM "
+                         "or D-HH:MM:SS, e.g. --time 12:00:00")
+
+
 def _run_cli(args) -> int:
     from trainer.config import RecipeError, load_recipe
 
@@ -295,6 +318,13 @@ def _run_cli(args) -> int:
                           "every node mounts")
     recipe = load_recipe(args.recipe, args.overrides)   # RecipeError -> the CLI prints one line
     spec = get_strategy(args.strategy)
+    check_job_options(partition=args.partition, time=args.time, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      procs_per_node=args.procs_per_node)
+    procs = args.procs_per_node or max(args.gpus_per_node, 1)
+    try:
+        plan_batch(recipe.training.global_batch_size, recipe.training.micro_batch_size, args.nodes * procs)
+    except BatchError as e:
+        raise SlurmError(f"{args.nodes} node(s) x {procs} process(es): {e}") from None
     check_output_dir(recipe.training.output_dir)
     warning = node_local_warning(recipe.training.output_dir, args.nodes)
     if warning:

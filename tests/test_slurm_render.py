@@ -23,7 +23,7 @@ TEMPLATE = REPO / "slurm" / "train.sh"
 def recipe_file(tmp_path: Path, output_dir: Path | str | None = None) -> Path:
     r = tmp_path / "recipe.yaml"
     r.write_text(f"model: {{name_or_path: {tmp_path}/model}}\ndata: {{path: {tmp_path}/data.json}}\n"
-                 f"training: {{output_dir: '{output_dir or tmp_path / 'out'}'}}\n")
+                 f"training: {{output_dir: '{output_dir or tmp_path / 'out'}', micro_batch_size: 1}}\n")
     return r
 
 
@@ -72,7 +72,7 @@ def test_dry_run_4_nodes_x_8_gpus(tmp_path, capsys):
 
 def test_dry_run_cpu_nodes_set_use_cpu(tmp_path, capsys):
     rc = cli_main(["slurm", str(recipe_file(tmp_path)), "--nodes", "2", "--gpus-per-node", "0",
-                   "--procs-per-node", "3", "--dry-run"])
+                   "--procs-per-node", "3", "--dry-run", "training.global_batch_size=12"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "export ACCELERATE_USE_CPU=true" in out

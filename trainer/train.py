@@ -102,6 +102,8 @@ def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
+        eval_on_start=has_eval,  # the held-out loss before training, to compare with the one after
+        disable_tqdm=True,  # trainer/console.py prints one line per logged step
         eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
         report_to=[] if t.report_to == "none" else [t.report_to],
         run_name=t.run_name,
@@ -151,9 +153,10 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     import yaml
     from transformers import set_seed
 
-    from . import distributed, generate, metrics, preemption
+    from . import console, distributed, generate, metrics, preemption
     from .model import fuse_lora, load_model, load_tokenizer, peft_config
 
+    console.after_imports()
     r = resolved or resolve(recipe, hw, strategy)
     s = r.strategy
     is_main = s.rank == 0
@@ -170,7 +173,9 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         out.mkdir(parents=True, exist_ok=True)
         resolved_yaml = yaml.safe_dump(redacted(recipe.to_dict()), allow_unicode=True, sort_keys=False)
         (out / "recipe.yaml").write_text(resolved_yaml)
-        print("[scalesft] recipe:\n" + resolved_yaml, flush=True)
+        print(f"[scalesft] resolved recipe written to {out / 'recipe.yaml'}", flush=True)
+        if console.verbose():
+            print(resolved_yaml, flush=True)
         if recipe.training.report_to == "wandb":
             env = wandb_environment(recipe, out)
             os.environ.update(env)
@@ -192,6 +197,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     trainer = _counting_trainer()(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                  processing_class=tokenizer, peft_config=peft_config(recipe.lora),
                                  callbacks=[throughput, stopper, *callbacks])
+    console.install(trainer)  # one line per logged step instead of a progress bar and dicts
     throughput.bind(trainer, recipe)  # token counts, per-log tokens/s, MFU and every rank's peak memory
     fuse_lora(trainer.model, s.name)  # scale+add of each LoRA projection folded into one GEMM (bench/RESULTS.md)
     distributed.prepare_trainer(trainer, s)  # accelerate's state must match the launched strategy
@@ -225,15 +231,20 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         after = generate.answers(trainer.model, tokenizer, recipe, samples)
         result["samples"] = [{"prompt": p, "before": x, "after": y} for p, x, y in zip(samples, before, after)]
         for row in result["samples"]:
-            print(f"[scalesft] Q: {row['prompt']}\n  before: {row['before']}\n  after:  {row['after']}", flush=True)
+            print(f"[scalesft] Q: {row['prompt']}\n  before: {_one_line(row['before'])}\n"
+                  f"  after:  {_one_line(row['after'])}", flush=True)
     if is_main:
         metrics.write(out / "train_metrics.json", result)
         preemption.write_status(f"completed step={result['global_step']}")
-        print(f"[scalesft] done: {result['global_step']} steps, {result['tokens_trained']} loss tokens, "
-              f"{result['tokens_per_second']} tokens/s, peak {result['peak_memory_gib']} GiB, "
-              f"{result['wall_seconds']} s; adapter in {out}", flush=True)
+        for line in console.summary(result, str(out), samples[0] if samples else None):
+            print(f"[scalesft] {line}", flush=True)
     _finish_wandb(recipe)
     return result
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _finish_wandb(recipe: Recipe) -> None:
@@ -266,11 +277,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=10")
+    p.add_argument("--verbose", action="store_true", help="keep third-party warnings and progress bars; print "
+                   "the resolved recipe")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from .console import VERBOSE_ENV, quiet
+
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    quiet()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         train(recipe)

@@ -1,0 +1,117 @@
+"""What a person sees: the step line, the closing summary, --json that parses, one-line errors for the folders
+generate/chat are given, Slurm options checked before rendering, no broken characters when streaming."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tinyrecipe import REPO
+from trainer.console import duration, step_line, summary
+
+
+def test_step_line_has_step_loss_lr_speed_memory_eta():
+    logs = {"loss": 1.23456, "learning_rate": 0.0009855, "tokens_per_second": 1234.5, "peak_memory_gib": 3.61}
+    assert step_line(10, 40, logs, elapsed=20.0) == \
+        "step 10/40 · loss 1.2346 · lr 9.86e-04 · 1,234 tok/s · mem 3.6 GiB · ETA 1m00s"
+    # resumed at step 30: the ETA uses only the steps this process ran; no ETA on the last step
+    assert step_line(35, 40, {"loss": 1.0}, elapsed=10.0, start_step=30).endswith("ETA 10s")
+    assert "ETA" not in step_line(40, 40, {"loss": 1.0}, elapsed=10.0)
+
+
+def test_duration():
+    assert [duration(s) for s in (0.4, 59, 61, 3600 + 120)] == ["0s", "59s", "1m01s", "1h02m"]
+
+
+def test_summary_names_losses_eval_speed_adapter_and_next_commands():
+    result = {"train_loss": [{"step": 1, "loss": 2.5}, {"step": 9, "loss": 0.75}],
+              "eval_loss": [{"step": 0, "loss": 2.4}, {"step": 9, "loss": 1.9}], "global_step": 9,
+              "tokens_per_second": 1500.4, "peak_memory_gib": 3.6, "wall_seconds": 125}
+    head, where, nxt = summary(result, "outputs/x", "AI가 뭐지?")
+    assert head == ("done in 2m05s: 9 steps, loss 2.500 -> 0.750, eval loss 2.400 -> 1.900, "
+                    "1,500 loss tokens/s, peak 3.6 GiB")
+    assert where == "adapter: outputs/x"
+    assert 'scalesft generate outputs/x "AI가 뭐지?"' in nxt and "scalesft chat outputs/x" in nxt
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_plan_json_is_json_on_stdout_errors_included(tmp_path):
+    env_home = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}  # a fresh HOME: first-import notices are printed
+    import os
+
+    env = {**os.environ, **env_home}
+    ok = _cli("plan", "recipes/seed-000-kanana-qlora.yaml", "--gpus-per-node", "1,2", "--json", env=env)
+    assert ok.returncode == 0, ok.stderr
+    entries = json.loads(ok.stdout)
+    assert [e["world_size"] for e in entries] == [1, 2]
+    assert entries[0]["memory"] is None and "config.json" in entries[0]["memory_unavailable"]
+    bad = _cli("plan", "recipes/seed-000-kanana-qlora.yaml", "training.learning_rat=1", "--json", env=env)
+    assert bad.returncode == 2
+    assert "learning_rate" in json.loads(bad.stdout)["error"]
+    assert bad.stderr.strip().splitlines()[-1].startswith("scalesft plan: error:")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--time", "12h"], "--time '12h' is not a Slurm time limit"),
+    (["--partition", "gpu;rm -rf"], "is not a partition name"),
+    (["--gpus-per-node", "3"], "1 node(s) x 3 process(es): training.global_batch_size=32 is not divisible"),
+])
+def test_slurm_checks_options_and_batch_before_rendering(options, message):
+    argv = ["slurm", "recipes/seed-000-kanana-qlora.yaml", "--nodes", "1", "--gpus-per-node", "1", *options,
+            "--dry-run"]
+    run = _cli(*argv)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and message in run.stderr, run.stderr
+
+
+def test_slurm_time_syntax():
+    from launch.slurm import SlurmError, check_job_options
+
+    for ok in ("30", "30:00", "12:00:00", "2-00", "2-12:30", "2-12:30:00", "UNLIMITED"):
+        check_job_options(partition="gpu,debug", time=ok, nodes=1, gpus_per_node=8, procs_per_node=None)
+    for bad in ("12h", "1:2:3:4", "-5", ""):
+        with pytest.raises(SlurmError):
+            check_job_options(partition=None, time=bad, nodes=1, gpus_per_node=8, procs_per_node=None)
+
+
+def test_generate_folder_kinds(tmp_path):
+    from trainer.config import RecipeError
+    from trainer.generate import folder_kind
+
+    with pytest.raises(RecipeError, match="is not a folder"):
+        folder_kind(tmp_path / "missing")
+    with pytest.raises(RecipeError, match="has no recipe.yaml"):
+        folder_kind(tmp_path)
+    (tmp_path / "recipe.yaml").write_text("{}")
+    with pytest.raises(RecipeError, match="holds no adapter yet"):
+        folder_kind(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    assert folder_kind(tmp_path) == "merged"
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert folder_kind(tmp_path) == "adapter"
+
+
+def test_streamer_drops_a_character_cut_by_the_token_limit(capsys):
+    from trainer.generate import _streamer
+
+    class Tok:  # bytes-level decode of a Korean word cut in its last character
+        def decode(self, ids, **kw):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    import torch
+
+    s = _streamer(Tok())
+    data = "안녕 세계".encode()[:-1]  # the last character's final byte is missing
+    s.put(torch.tensor([[0]]))  # the prompt (skipped)
+    for b in data:
+        s.put(torch.tensor([b]))
+    s.end()
+    out = capsys.readouterr().out
+    assert "\ufffd" not in out and out.startswith("안녕 ") and out.endswith("\n")

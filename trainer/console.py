@@ -104,9 +104,10 @@ def console_callback():
             self.t0 = None
             self.start_step = 0
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
-            self.start_step = state.global_step
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.t0 is None:  # the first step of this process: after loading, resuming and eval_on_start
+                self.t0 = time.perf_counter()
+                self.start_step = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:

@@ -400,43 +400,83 @@ def encode(row: dict[str, Any], tokenizer, cfg: DataConfig) -> tuple[list[int], 
     Text templates: prompt and completion are tokenized apart (so the prompt tokens equal those seen at
     generation), EOS is appended to the completion, and the labels are the completion tokens + EOS.
     Chat: the conversation is rendered once; every assistant turn (as the chat template closes it) bears loss.
+    The reference, one row at a time through the tokenizer's own __call__; encode_batch is the fast equal.
     """
-    batch = {k: [v] for k, v in row.items()}
-    out = _encode_columns(batch, 1, tokenizer, cfg)
-    return out[0]
+    template = templates.resolve(cfg.template, cfg.format)
+    if template == "chat":
+        ids, mask = _encode_chat(conversation(row, cfg), tokenizer)
+    else:
+        values = _values(row, cfg)
+        if template == "plain":
+            ids = tokenizer(values["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+            mask = [True] * len(ids)
+        else:
+            prompt, completion = templates.split(template, values)
+            p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids, mask = p + c, [False] * len(p) + [True] * len(c)
+    return _finish(ids, mask, cfg)
 
 
 def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str, list]:
     """Dataset.map(batched=True) function: columns in, input_ids / labels / truncated out, rows whose prompt alone
-    fills max_seq_length left out. Row for row identical to encode()."""
+    fills max_seq_length left out. Row for row identical to encode() (tests/test_data.py), at a fraction of the
+    cost: the fast tokenizer's backend encodes the whole batch in Rust, and the labels of text templates are built
+    without a per-token mask."""
     n = len(next(iter(batch.values()))) if batch else 0
+    template = templates.resolve(cfg.template, cfg.format)
     out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
-    for enc in _encode_columns(batch, n, tokenizer, cfg):
-        if enc is not None:
-            out["input_ids"].append(enc[0])
-            out["labels"].append(enc[1])
-            out["truncated"].append(enc[2])
+    rows = ({k: v[i] for k, v in batch.items()} for i in range(n))
+    if template == "chat":
+        rendered = [_render_chat(conversation(r, cfg), tokenizer) for r in rows]
+        encoded = _backend_encode(tokenizer, [full for full, _ in rendered], False, offsets=True)
+        for (ids, offsets), (_, spans) in zip(encoded, rendered):
+            _append(out, _finish(ids, [any(s <= a < e for s, e in spans) for a, _ in offsets], cfg))
+        return out
+    values = [_values(r, cfg) for r in rows]
+    eos, limit = tokenizer.eos_token_id, cfg.max_seq_length
+    if template == "plain":
+        for ids in _backend_encode(tokenizer, [v["text"] for v in values], True):
+            ids = ids + [eos]
+            _append(out, (ids[:limit], list(ids[:limit]), len(ids) > limit))
+        return out
+    pairs = [templates.split(template, v) for v in values]
+    prompts = _backend_encode(tokenizer, [p for p, _ in pairs], True)
+    completions = _backend_encode(tokenizer, [c for _, c in pairs], False)
+    for p, c in zip(prompts, completions):
+        ids = p + c
+        ids.append(eos)
+        if cfg.completion_only_loss:
+            if len(p) >= limit:  # the prompt alone fills max_seq_length
+                continue
+            labels = [IGNORE] * len(p) + c
+            labels.append(eos)
+        else:
+            labels = list(ids)
+        truncated = len(ids) > limit
+        _append(out, (ids[:limit], labels[:limit], truncated) if truncated else (ids, labels, False))
     return out
 
 
-def _encode_columns(batch: dict[str, list], n: int, tokenizer, cfg: DataConfig):
-    template = templates.resolve(cfg.template, cfg.format)
-    rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
-    eos = tokenizer.eos_token_id
-    if template == "chat":
-        rendered = [_render_chat(conversation(r, cfg), tokenizer) for r in rows]
-        enc = tokenizer([full for full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        return [_finish(ids, [any(s <= a < e for s, e in spans) for a, _ in offsets], cfg)
-                for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered)]
-    values = [_values(r, cfg) for r in rows]
-    if template == "plain":
-        texts = tokenizer([v["text"] for v in values], add_special_tokens=True)["input_ids"]
-        return [_finish(ids + [eos], [True] * (len(ids) + 1), cfg) for ids in texts]
-    pairs = [templates.split(template, v) for v in values]
-    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
-    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-    return [_finish(p + c + [eos], [False] * len(p) + [True] * (len(c) + 1), cfg)
-            for p, c in zip(prompts, completions)]
+def _append(out: dict[str, list], enc) -> None:
+    if enc is not None:
+        out["input_ids"].append(enc[0])
+        out["labels"].append(enc[1])
+        out["truncated"].append(enc[2])
+
+
+def _backend_encode(tokenizer, texts: list[str], add_special_tokens: bool, offsets: bool = False) -> list:
+    """Token ids (and offsets) of each text, as tokenizer(texts, add_special_tokens=...) gives them: through the
+    Rust backend of a fast tokenizer without truncation or padding (the state __call__ leaves it in), else
+    through __call__."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch") and backend.truncation is None \
+            and backend.padding is None:
+        if offsets:
+            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=offsets)
+    return list(zip(enc["input_ids"], enc["offset_mapping"])) if offsets else enc["input_ids"]
 
 
 def _render_chat(msgs: list[dict[str, str]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
@@ -627,8 +667,12 @@ def split_eval(dataset, cfg: DataConfig, seed: int):
     if n - held < 1:
         raise RecipeError(f"data.eval_fraction={cfg.eval_fraction} of {n} usable row(s) holds out {held}, leaving "
                           "no training rows: lower data.eval_fraction (or 0 for no eval) or add rows")
-    parts = dataset.train_test_split(test_size=cfg.eval_fraction, seed=seed, keep_in_memory=True)
-    return parts["train"], parts["test"]
+    # datasets' train_test_split(test_size=fraction, seed=seed), row for row, with the indices kept in memory
+    # (it would write index files into the shared cache entry, from every rank)
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n)
+    return (dataset.select(order[held:], keep_in_memory=True), dataset.select(order[:held], keep_in_memory=True))
 
 
 def prepare(cfg: DataConfig, tokenizer, *, seed: int, local_main: bool = True, rank: int = 0,

@@ -62,10 +62,14 @@ def make_rows(path: Path, rows: int, tok_path: str, target_tokens: int = 150, se
         a = " ".join(f"{rng.choice(SUBJECTS)}는 {rng.choice(VERBS)}." for _ in range(clauses))
         return {"question": q, "answer": a}
 
-    probe = [len(encode(row(10), tok, cfg)[0]) for _ in range(200)]
-    per_clause = (sum(probe) / len(probe)) / 10  # rough: the question's share is small
-    mean_clauses = max(1.0, target_tokens / per_clause)
-    lo, hi = max(1, int(mean_clauses * 0.5)), max(2, int(mean_clauses * 1.5))
+    def mean_tokens(k: int) -> float:
+        return sum(len(encode(row(k), tok, cfg)[0]) for _ in range(200)) / 200
+
+    t2, t12 = mean_tokens(2), mean_tokens(12)  # tokens ~ a + b * clauses
+    b = (t12 - t2) / 10
+    mean_clauses = max(1.0, (target_tokens - (t2 - 2 * b)) / b)
+    spread = max(1, round(mean_clauses * 0.5))
+    lo, hi = max(1, round(mean_clauses) - spread), round(mean_clauses) + spread
     sample = [len(encode(row(rng.randint(lo, hi)), tok, cfg)[0]) for _ in range(500)]
     start = time.perf_counter()
     with path.open("w", encoding="utf-8") as f:

@@ -418,51 +418,73 @@ def encode(row: dict[str, Any], tokenizer, cfg: DataConfig) -> tuple[list[int], 
     return _finish(ids, mask, cfg)
 
 
-def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig) -> dict[str, list]:
-    """Dataset.map(batched=True) function: columns in, input_ids / labels / truncated out, rows whose prompt alone
-    fills max_seq_length left out. Row for row identical to encode() (tests/test_data.py), at a fraction of the
-    cost: the fast tokenizer's backend encodes the whole batch in Rust, and the labels of text templates are built
-    without a per-token mask."""
+def encode_batch(batch: dict[str, list], tokenizer, cfg: DataConfig):
+    """Dataset.map(batched=True) function: columns in, a pyarrow Table of input_ids / labels (list<int32>) and
+    truncated out, rows whose prompt alone fills max_seq_length left out. Row for row identical to encode()
+    (tests/test_data_scale.py), at a fraction of the cost: the fast tokenizer's backend encodes the whole batch in
+    Rust, and the rows are assembled, masked and truncated as flat numpy arrays (no per-token Python)."""
+    import numpy as np
+
     n = len(next(iter(batch.values()))) if batch else 0
     template = templates.resolve(cfg.template, cfg.format)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": []}
     rows = ({k: v[i] for k, v in batch.items()} for i in range(n))
+    limit = cfg.max_seq_length
     if template == "chat":
         rendered = [_render_chat(conversation(r, cfg), tokenizer) for r in rows]
         encoded = _backend_encode(tokenizer, [full for full, _ in rendered], False, offsets=True)
-        for (ids, offsets), (_, spans) in zip(encoded, rendered):
-            _append(out, _finish(ids, [any(s <= a < e for s, e in spans) for a, _ in offsets], cfg))
-        return out
+        done = [_finish(ids, [any(s <= a < e for s, e in spans) for a, _ in offsets], cfg)
+                for (ids, offsets), (_, spans) in zip(encoded, rendered)]
+        done = [d for d in done if d is not None]
+        return _table(_flat([d[0] for d in done]), _flat([d[1] for d in done]),
+                      np.array([len(d[0]) for d in done], dtype=np.int64), np.array([d[2] for d in done], dtype=bool))
     values = [_values(r, cfg) for r in rows]
-    eos, limit = tokenizer.eos_token_id, cfg.max_seq_length
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
     if template == "plain":
-        for ids in _backend_encode(tokenizer, [v["text"] for v in values], True):
-            ids = ids + [eos]
-            _append(out, (ids[:limit], list(ids[:limit]), len(ids) > limit))
-        return out
-    pairs = [templates.split(template, v) for v in values]
-    prompts = _backend_encode(tokenizer, [p for p, _ in pairs], True)
-    completions = _backend_encode(tokenizer, [c for _, c in pairs], False)
-    for p, c in zip(prompts, completions):
-        ids = p + c
-        ids.append(eos)
-        if cfg.completion_only_loss:
-            if len(p) >= limit:  # the prompt alone fills max_seq_length
-                continue
-            labels = [IGNORE] * len(p) + c
-            labels.append(eos)
-        else:
-            labels = list(ids)
-        truncated = len(ids) > limit
-        _append(out, (ids[:limit], labels[:limit], truncated) if truncated else (ids, labels, False))
-    return out
+        parts = [_backend_encode(tokenizer, [v["text"] for v in values], True)]
+        loss = [True, True]
+    else:
+        pairs = [templates.split(template, v) for v in values]
+        parts = [_backend_encode(tokenizer, [p for p, _ in pairs], True),
+                 _backend_encode(tokenizer, [c for _, c in pairs], False)]
+        loss = [not cfg.completion_only_loss, True, True]
+    # Row i is parts[0][i] (+ parts[1][i]) + [eos]: segments gathered from one flat source array.
+    flats = [_flat(p) for p in parts] + [eos]
+    lens = [np.fromiter(map(len, p), dtype=np.int64, count=n) for p in parts] + [np.ones(n, dtype=np.int64)]
+    source = np.concatenate(flats)
+    bases = np.cumsum([0] + [len(f) for f in flats[:-1]])
+    seg_start = np.stack([base + np.cumsum(ln) - ln for base, ln in zip(bases[:-1], lens[:-1])]
+                         + [np.full(n, bases[-1], dtype=np.int64)], axis=1).ravel()
+    seg_len = np.stack(lens, axis=1).ravel()
+    seg_out = np.cumsum(seg_len) - seg_len
+    total = int(seg_len.sum())
+    idx = np.repeat(seg_start - seg_out, seg_len) + np.arange(total)
+    ids = source[idx]
+    labels = np.where(np.repeat(np.tile(np.array(loss), n), seg_len), ids, np.int32(IGNORE)).astype(np.int32)
+    row_len = np.stack(lens, axis=1).sum(axis=1)
+    unmasked = lens[0] if not loss[0] else np.zeros(n, dtype=np.int64)  # tokens before the first loss token
+    keep_row = unmasked < limit
+    pos = np.arange(total) - np.repeat(np.cumsum(row_len) - row_len, row_len)
+    keep = (pos < limit) & np.repeat(keep_row, row_len)
+    out_len = np.minimum(row_len, limit)[keep_row]
+    return _table(ids[keep], labels[keep], out_len, (row_len > limit)[keep_row])
 
 
-def _append(out: dict[str, list], enc) -> None:
-    if enc is not None:
-        out["input_ids"].append(enc[0])
-        out["labels"].append(enc[1])
-        out["truncated"].append(enc[2])
+def _flat(lists: list[list[int]]):
+    import itertools
+
+    import numpy as np
+
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=sum(map(len, lists)))
+
+
+def _table(ids, labels, lengths, truncated):
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, type=pa.int32())),
+                     "labels": pa.ListArray.from_arrays(offsets, pa.array(labels, type=pa.int32())),
+                     "truncated": pa.array(truncated, type=pa.bool_())})
 
 
 def _backend_encode(tokenizer, texts: list[str], add_special_tokens: bool, offsets: bool = False) -> list:
@@ -690,12 +712,16 @@ def prepare(cfg: DataConfig, tokenizer, *, seed: int, local_main: bool = True, r
         else:
             failed.unlink(missing_ok=True)
             try:
-                rows = load_rows(cfg)
-                check_rows(rows, cfg)
                 start = time.perf_counter()
+                rows = load_rows(cfg)
+                loaded = time.perf_counter()
+                check_rows(rows, cfg)
+                checked = time.perf_counter()
                 dataset, report = tokenize(rows, tokenizer, cfg, source=source)
                 if log:
-                    log(f"tokenized {report.rows} rows in {time.perf_counter() - start:.1f} s into {target}")
+                    log(f"data prepared in {time.perf_counter() - start:.1f} s: read {len(rows)} rows "
+                        f"{loaded - start:.1f} s, checked {checked - loaded:.1f} s, tokenized "
+                        f"{time.perf_counter() - checked:.1f} s (cache {target})")
             except RecipeError as e:
                 failed.parent.mkdir(parents=True, exist_ok=True)
                 failed.write_text(str(e))

@@ -26,7 +26,10 @@ LORA_MODULE_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1
 
 
 def preflight(recipe: Recipe) -> None:
+    from .data import local_file
+
     check_output_dir(recipe.training.output_dir)
+    local_file(recipe.data)  # the data file exists, is a file, and can be read
     check_model_source(recipe.model)
     check_lora_targets(recipe)
 
@@ -101,6 +104,15 @@ def go_offline() -> None:
 _HUB_STATE: dict[str, bool] = {}
 
 
+def hub_unreachable() -> bool:
+    """Offline mode is on, or the hub does not answer a TCP connect (checked once per process)."""
+    if offline_env():
+        return True
+    if "reachable" not in _HUB_STATE:
+        _HUB_STATE["reachable"] = hub_reachable()
+    return not _HUB_STATE["reachable"]
+
+
 def network_or_offline(what: str, cached: bool) -> None:
     """For a hub id: fine when cached (offline mode switched on when the hub is unreachable, so nothing waits on
     retries); else an error at once when offline mode is on or the hub cannot be reached."""
@@ -109,9 +121,7 @@ def network_or_offline(what: str, cached: bool) -> None:
             raise RecipeError(f"{what} is not in the local HF cache and HF_HUB_OFFLINE is set, so it cannot be "
                               "downloaded: give a local folder, or download it first (unset HF_HUB_OFFLINE)")
         return
-    if "reachable" not in _HUB_STATE:
-        _HUB_STATE["reachable"] = hub_reachable()
-    if _HUB_STATE["reachable"]:
+    if not hub_unreachable():
         return
     if not cached:
         raise RecipeError(f"{what} is not in the local HF cache and {hub_endpoint()} cannot be reached (no "

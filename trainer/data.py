@@ -214,9 +214,9 @@ def _from_python_rows(rows: list[Any], file: Path, cfg: DataConfig):
 def _load_hf_cache(name: str, split: str):
     import datasets
 
-    from .checks import go_offline, hub_reachable, offline_env
+    from .checks import go_offline, hub_unreachable
 
-    if offline_env() or not hub_reachable():
+    if hub_unreachable():
         go_offline()  # the cached copy or an error at once, not ~50 s of retries
     try:
         return datasets.load_dataset(name, split=split, cache_dir=None)

@@ -47,10 +47,17 @@ def cache_root() -> Path:
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    """No progress bars and no logged errors from datasets: scalesft says what went wrong in one line."""
+    """No progress bars and no logged errors from datasets: scalesft says what went wrong in one line (unless
+    --verbose, trainer/console.py)."""
     import logging
 
     import datasets
+
+    from .console import verbose
+
+    if verbose():
+        yield
+        return
 
     bars = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()

@@ -59,7 +59,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scalesft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    from trainer.config import OneLineArgumentParser
+
+    p = OneLineArgumentParser(prog="scalesft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a recipe")

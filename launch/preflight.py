@@ -36,18 +36,25 @@ def count_rows(path: str | Path) -> int | None:
     if not p.is_file():
         return None
     suffix = p.suffix.lower()
-    if suffix == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
-        return len(data) if isinstance(data, list) else None
-    if suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            return sum(1 for line in f if line.strip())
-    if suffix == ".csv":
-        with p.open(encoding="utf-8", newline="") as f:
-            return max(0, sum(1 for _ in csv.reader(f)) - 1)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-        return pq.ParquetFile(p).metadata.num_rows
+    try:  # a file that cannot be counted here (unreadable, malformed) is named by the trainer, in one line
+        if suffix == ".json":
+            data = json.loads(p.read_text(encoding="utf-8-sig"))
+            return len(data) if isinstance(data, list) else None
+        if suffix == ".jsonl":
+            with p.open(encoding="utf-8-sig") as f:
+                return sum(1 for line in f if line.strip())
+        if suffix == ".csv":
+            with p.open(encoding="utf-8-sig", newline="") as f:
+                return max(0, sum(1 for _ in csv.reader(f)) - 1)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+            return pq.ParquetFile(p).metadata.num_rows
+    except (OSError, ValueError, csv.Error):
+        return None
+    except Exception as e:  # pyarrow's errors
+        if type(e).__module__.startswith("pyarrow"):
+            return None
+        raise
     return None
 
 

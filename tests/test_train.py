@@ -155,30 +155,8 @@ def test_4bit_answers_before_training_change_nothing(tiny, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture()
-def tokenizer_only(tiny, tmp_path):
-    """A model folder with the tokenizer but no weights: a run that reached model loading would crash with
-    a traceback instead of the one-line error, so these tests prove the error comes first."""
-    d = tmp_path / "no-weights"
-    shutil.copytree(tiny["model"], d)
-    (d / "model.safetensors").unlink()
-    return d
 
-
-@pytest.mark.parametrize("overrides, message", [
-    (["training.precision=bf16"], "training.precision=bf16 but this CPU-only machine has no native bfloat16"),
-    (["training.global_batch_size=7"], "training.global_batch_size=7 is not divisible by micro_batch_size (2) x "
-                                       "world_size (1) = 2; use training.micro_batch_size in [1, 7]"),
-    (["data.max_seq_length=8"], "every row's prompt alone is >= data.max_seq_length=8 tokens"),
-    (["data.path=/nonexistent/rows.json"], "data.path '/nonexistent/rows.json' does not exist"),
-    (["data.fields.answer=reply"], "64 row(s) lack field 'reply' (qa format 'answer'): rows [1, 2, 3, 4, 5] (and 59 more)"),
-    (["training.learning_rat=1"], "unknown recipe key 'training.learning_rat': did you mean 'learning_rate'?"),
-])
-def test_bad_input_stops_before_the_model_loads(tiny, tokenizer_only, tmp_path, capsys, overrides, message):
-    path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out", model={"name_or_path": str(tokenizer_only)})
-    assert main([str(path), *overrides]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"scalesft: error: {err[0].removeprefix('scalesft: error: ')}"] and message in err[0], err
+# The bad-input table (one `scalesft: error:` line, nothing written, no model loaded) is tests/test_bad_inputs.py.
 
 
 def test_pure_hardware_checks():

@@ -14,8 +14,10 @@ Field names follow transformers / TRL / peft where those libraries have one. Ove
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +29,15 @@ import yaml
 
 class RecipeError(ValueError):
     """A user error in a recipe or its inputs: one line naming the field and the fix."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one `scalesft: error:` line (no usage dump); --help is unchanged.
+    Subparsers inherit the class."""
+
+    def error(self, message: str):
+        print(f"scalesft: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -274,15 +285,48 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     return recipe
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let the base class report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise RecipeError(f"key '{key}' appears twice (lines {first} and {key_node.start_mark.line + 1})"
+                                  ": keep one of them")
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """yaml.safe_load, except that duplicate keys are an error (RecipeError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe. Loads no model, no tokenizer, no data."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe '{path}' is a folder, not a file: pass the path of a YAML recipe inside it "
+                          "(see recipes/)")
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist: pass a path to a YAML recipe (see recipes/)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise RecipeError(f"recipe '{path}' cannot be read ({e.strerror}): check its permissions") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe '{path}' is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    try:
+        raw = parse_yaml(text) or {}
+    except RecipeError as e:
+        raise RecipeError(f"recipe '{path}': {e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"recipe '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise RecipeError(f"recipe '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
     recipe = recipe_from_dict(apply_overrides(raw, overrides or []))
     # Relative data paths are relative to the recipe's folder only when they exist there; else to the cwd.
     data_path = Path(recipe.data.path)
@@ -300,14 +344,31 @@ def validate(r: Recipe) -> None:
         (t.micro_batch_size <= t.global_batch_size,
          f"training.micro_batch_size ({t.micro_batch_size}) exceeds global_batch_size ({t.global_batch_size})"),
         (t.learning_rate > 0, "training.learning_rate must be > 0"),
-        (0 <= t.warmup_ratio < 1, "training.warmup_ratio must be in [0, 1)"),
+        (t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}: use 0 for no warmup"),
+        (0 <= t.warmup_ratio < 1, f"training.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
         (t.max_steps > 0 or t.num_train_epochs > 0, "set training.max_steps > 0 or training.num_train_epochs > 0"),
+        (t.num_train_epochs >= 0, f"training.num_train_epochs must be >= 0, got {t.num_train_epochs}"),
+        (t.weight_decay >= 0, f"training.weight_decay must be >= 0, got {t.weight_decay}"),
+        (t.max_grad_norm >= 0, f"training.max_grad_norm must be >= 0 (0: no clipping), got {t.max_grad_norm}"),
         (t.logging_steps >= 1, "training.logging_steps must be >= 1"),
         (t.save_steps >= 1, "training.save_steps must be >= 1"),
+        (t.eval_steps is None or t.eval_steps >= 1,
+         f"training.eval_steps must be >= 1 or null (= save_steps), got {t.eval_steps}"),
+        (t.save_total_limit is None or t.save_total_limit >= 1,
+         f"training.save_total_limit must be >= 1 or null (keep all), got {t.save_total_limit}"),
+        (t.ddp_timeout >= 1, f"training.ddp_timeout must be >= 1 second, got {t.ddp_timeout}"),
+        (0 <= t.seed < 2**32, f"training.seed must be in [0, 2**32), got {t.seed}"),
+        (t.output_dir.strip() != "", "training.output_dir is empty: give a folder for the adapter and checkpoints"),
         (d.max_seq_length >= 8, "data.max_seq_length must be >= 8"),
         (0 <= d.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
+        (d.limit is None or d.limit >= 1,
+         f"data.limit={d.limit} leaves no rows: use data.limit >= 1, or null for every row"),
+        (d.path.strip() != "", "data.path is empty: give a data file (.json/.jsonl/.csv/.parquet)"),
         (lo.r >= 1, "lora.r must be >= 1"),
+        (lo.alpha >= 1, f"lora.alpha must be >= 1, got {lo.alpha}"),
         (0 <= lo.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (lo.target_modules != [], "lora.target_modules is empty: list module names (e.g. [q_proj, v_proj]) "
+                                  "or use all-linear"),
         (not (r.quantization.bits == 8 and r.quantization.quant_type != "nf4"),
          "quantization.quant_type applies to 4-bit only: remove it or set quantization.bits=4"),
     ]

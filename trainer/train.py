@@ -55,21 +55,20 @@ def resolve(recipe: Recipe, hw=None, strategy=None) -> Resolved:
 
 
 def load_data(recipe: Recipe, tokenizer, is_main: bool):
-    """(train, eval or None) tokenized datasets; the local main process tokenizes first and caches."""
+    """(train, eval or None, report): the local main process reads and tokenizes (cached), the other local ranks
+    wait for its cache entry (trainer/data.py prepare)."""
     from accelerate import PartialState
 
-    from .data import check_rows, read_rows, tokenize
+    from .data import prepare
 
-    rows = read_rows(recipe.data)
-    check_rows(rows, recipe.data)
-    with PartialState().local_main_process_first():
-        dataset, report = tokenize(rows, tokenizer, recipe.data)
+    state = PartialState()
+    train_set, eval_set, report = prepare(
+        recipe.data, tokenizer, seed=recipe.training.seed, local_main=state.is_local_main_process,
+        rank=state.process_index, timeout=recipe.training.ddp_timeout,
+        log=lambda line: print(f"[scalesft] {line}", flush=True))
     if is_main:
         print(f"[scalesft] {report.line()}", flush=True)
-    if recipe.data.eval_fraction > 0:
-        parts = dataset.train_test_split(test_size=recipe.data.eval_fraction, seed=recipe.training.seed)
-        return parts["train"], parts["test"], report
-    return dataset, None, report
+    return train_set, eval_set, report
 
 
 def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
@@ -150,6 +149,9 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     """Run training and return the metrics (also written to output_dir/train_metrics.json on rank 0).
 
     Pass train_dataset (a datasets.Dataset with input_ids and labels) to skip the text pipeline."""
+    from .checks import preflight
+
+    preflight(recipe)  # output_dir, model folder / hub, LoRA targets: before anything is loaded or written
     import yaml
     from transformers import set_seed
 
@@ -274,7 +276,9 @@ def _counting_trainer():
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
+    from .config import OneLineArgumentParser
+
+    p = OneLineArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=10")
     p.add_argument("--verbose", action="store_true", help="keep third-party warnings and progress bars; print "

@@ -4,6 +4,8 @@
     python bench/bench.py suite /dev/shm/llama8b --out DIR       # seeds (4 x GA 4) vs scalesft (16), fixed + var
     python bench/bench.py suite /dev/shm/llama8b --variants seeds@4,scalesft-pack@16 --data var
     python bench/bench.py suite /dev/shm/llama8b --variants seeds,seeds-liger --global-batch 0 --steps 14
+    python bench/bench.py suite /dev/shm/llama8b --data short --seq 128 --global-batch 32   # short Q/A rows
+    python bench/bench.py user /dev/shm/llama8b                  # `scalesft train` of seed-000, Korean Q/A rows
     python bench/bench.py list                                   # the variants and their knobs
     python bench/bench.py --smoke                                # CPU, tiny model, both engines, ~30 s
     bash bench/gpu.sh "300 fixed seeds@4,scalesft@16" "200 var seeds@4,scalesft@16,scalesft-pack@16"
@@ -93,7 +95,8 @@ SCALESFT_RECIPE = {
 def make_rows(kind: str, n: int, seq: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """n token rows. Learnable but not trivial: each row repeats a random motif (8-32 tokens) drawn from the
     first 2,000 ids, so the loss falls in a few steps (a flat loss would hide differences between variants).
-    fixed: every row `seq` tokens; var: lognormal lengths, median ~250, clipped to [50, seq]."""
+    fixed: every row `seq` tokens; var: lognormal lengths, median ~250, clipped to [50, seq]; short: lognormal,
+    median ~70, clipped to [16, 128] (question/answer rows)."""
     import random
     rng = random.Random(seed)
     sub = min(vocab, 2000)
@@ -103,8 +106,10 @@ def make_rows(kind: str, n: int, seq: int, vocab: int, seed: int = 0) -> list[li
             L = seq
         elif kind == "var":
             L = int(min(seq, max(50, math.exp(rng.gauss(5.52, 0.6)))))
+        elif kind == "short":  # question/answer and chat rows as users have them: median ~70, at most 128
+            L = int(min(seq, 128, max(16, math.exp(rng.gauss(4.25, 0.45)))))
         else:
-            raise ValueError(f"data kind {kind!r}: use fixed or var")
+            raise ValueError(f"data kind {kind!r}: use fixed, var or short")
         motif = [rng.randrange(sub) for _ in range(rng.randint(8, 32))]
         rows.append([motif[i % len(motif)] if rng.random() > 0.1 else rng.randrange(sub) for i in range(L)])
     return rows
@@ -520,6 +525,41 @@ def smoke(out: str | None = None, variants: str = "seeds,scalesft") -> list[dict
     return suite(ns)
 
 
+def user_path(args) -> dict:
+    """The user's path, beside the harness: `scalesft train` of a shipped recipe, unchanged but for the model and
+    data paths (and max_steps), on Korean question/answer rows written as JSONL; its own train_metrics.json."""
+    from trainer.tiny import korean_qa_rows
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "user_rows.jsonl"
+    with data.open("w") as f:
+        for r in korean_qa_rows(args.rows, seed=1):
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    work = out / "work" / "user"
+    shutil.rmtree(work, ignore_errors=True)
+    cmd = [sys.executable, "-m", "launch.cli", "train", str(ROOT / args.recipe), f"model.name_or_path={args.model}",
+           f"data.path={data}", f"training.output_dir={work}", f"training.max_steps={args.steps}",
+           "training.save_steps=100000", "training.logging_steps=1", *(args.override or [])]
+    t = time.time()
+    with open(out / "user.log", "w") as log:
+        p = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+    res = {"variant": f"user:{Path(args.recipe).name}", "data": "korean-qa", "command": " ".join(cmd),
+           "bench_s": round(time.time() - t, 1)}
+    if p.returncode != 0:
+        res["error"] = f"rc={p.returncode}: " + (out / "user.log").read_text()[-600:].replace("\n", " / ")
+    else:
+        m = json.loads((work / "train_metrics.json").read_text())
+        st = m.get("steady_state") or {}
+        res.update(tok_s=st.get("tokens_per_second_per_device"), s_per_step=st.get("seconds_per_step"),
+                   mfu=st.get("mfu"), peak_alloc_gib=m.get("peak_memory_gib"), global_batch=m.get("global_batch_size"),
+                   mb=m.get("micro_batch_size"), accumulation=m.get("gradient_accumulation_steps"),
+                   rows_tokens=(m.get("data") or {}).get("tokens"))
+    print(json.dumps(res, ensure_ascii=False), flush=True)
+    (out / "user.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+    return res
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run with a tiny model (seconds)")
@@ -544,6 +584,14 @@ def main(argv=None) -> None:
     s.add_argument("--override", action="append", help="scalesft recipe override, section.key=value")
     s.add_argument("--inprocess", action="store_true")
     s.add_argument("--timeout", type=int, default=600)
+    u = sub.add_parser("user", help="scalesft train of a shipped recipe on Korean Q/A rows (the user's path)")
+    u.add_argument("model")
+    u.add_argument("--recipe", default="recipes/seed-000-kanana-qlora.yaml")
+    u.add_argument("--rows", type=int, default=3000)
+    u.add_argument("--steps", type=int, default=8)
+    u.add_argument("--out", default="bench_results")
+    u.add_argument("--override", action="append", help="recipe override, section.key=value")
+    u.add_argument("--timeout", type=int, default=900)
     r = sub.add_parser("run")
     r.add_argument("spec")
     sub.add_parser("list")
@@ -554,6 +602,8 @@ def main(argv=None) -> None:
         make(a.path, tiny=a.tiny)
     elif a.cmd == "suite":
         suite(a)
+    elif a.cmd == "user":
+        user_path(a)
     elif a.cmd == "run":
         res = run(json.loads(a.spec))
         print("BENCH_RESULT " + json.dumps(res), flush=True)

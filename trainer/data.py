@@ -545,9 +545,14 @@ class DataReport:
     max_seq_length: int = 0
 
     def line(self) -> str:
-        return (f"data: {self.used}/{self.rows} rows, {self.tokens} tokens ({self.loss_tokens} bear loss); "
-                f"{self.truncated} truncated and {self.dropped_prompt_too_long} dropped "
-                f"(prompt alone >= max_seq_length={self.max_seq_length})")
+        line = (f"data: {self.used:,} of {self.rows:,} rows, {self.tokens:,} tokens, "
+                f"{self.loss_tokens:,} of them answer tokens (the loss)")
+        if self.truncated:
+            line += f"; {self.truncated:,} rows cut to max_seq_length={self.max_seq_length}"
+        if self.dropped_prompt_too_long:
+            line += (f"; {self.dropped_prompt_too_long:,} rows dropped (prompt alone >= "
+                     f"max_seq_length={self.max_seq_length})")
+        return line
 
 
 # ---------------------------------------------------------------- cache keys

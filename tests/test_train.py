@@ -201,3 +201,14 @@ def test_secrets_never_reach_logs_rendered_commands_or_saved_files(tiny, tmp_pat
             assert value not in run.stdout + run.stderr
         for p in files:
             assert value.encode() not in p.read_bytes(), p
+
+
+def test_rank_report_is_cheap_unless_asked_for(basic):
+    """Every run writes what really ran; the full-adapter digest (a gather of the whole adapter on every rank)
+    only with SCALESFT_RANK_REPORT=1, which the multi-process tests set."""
+    import os
+
+    assert os.environ.get("SCALESFT_RANK_REPORT") is None
+    report = json.loads((basic["out"] / "ranks" / "rank-0.json").read_text())
+    assert report["strategy"] == "single" and report["world_size"] == 1 and report["process_group_size"] == 1
+    assert "adapter_digest" not in report

@@ -218,7 +218,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         _finish_wandb(recipe)
         return {"preempted": True, "global_step": trainer.state.global_step, "resumed_from": resume}
     trainer.save_model(str(out))
-    distributed.rank_report(trainer, s, out)  # every rank: what really ran + a digest of its full adapter
+    distributed.rank_report(trainer, s, out)  # every rank: what really ran (+ adapter digest if SCALESFT_RANK_REPORT=1)
 
     result = metrics.summarize(trainer, throughput, trainer.loss_tokens, {
         "gradient_accumulation_steps": b.gradient_accumulation_steps,
@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     quiet()
+    recipe = None
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         train(recipe)
@@ -300,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"scalesft: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:  # a collective past training.ddp_timeout: the traceback, then one line naming it
+        from .distributed import collective_timeout_line
+
+        line = collective_timeout_line(e, recipe.training.ddp_timeout) if recipe else None
+        if line is None:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"scalesft: error: {line}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -46,7 +46,7 @@ def accelerate_view(argv):
 def test_render_each_strategy_as_accelerate_reads_it(strategy):
     cmd = render_launch(recipe="r.yaml", overrides=["training.max_steps=5"], strategy=strategy, num_processes=4)
     assert all(isinstance(a, str) for a in cmd.argv) and cmd.env == {}  # on GPUs nothing extra is set
-    assert "--cpu" not in cmd.argv  # `accelerate launch --cpu` silently starts ONE process (FACTS.md)
+    assert "--cpu" not in cmd.argv  # `accelerate launch --cpu` silently starts ONE process, whatever --num_processes
     a = accelerate_view(cmd.argv)
     assert a.num_processes == 4 and a.num_machines == 1
     assert a.module and a.training_script == "trainer.train" and a.training_script_args == ["r.yaml",
@@ -64,8 +64,9 @@ def test_render_each_strategy_as_accelerate_reads_it(strategy):
 
 @pytest.mark.parametrize("strategy", ALL)
 def test_render_cpu_takes_the_paths_that_work(strategy):
-    """FACTS.md: DDP/FSDP on CPU need ACCELERATE_USE_CPU in the processes (the torchrun path);
-    DeepSpeed must NOT get use_cpu (the trainer passes ddp_backend=gloo instead)."""
+    """DDP/FSDP on CPU need ACCELERATE_USE_CPU in the processes (the torchrun path; `use_cpu: true` in a config
+    file never reaches them); DeepSpeed must NOT get use_cpu (the trainer passes ddp_backend=gloo instead).
+    tests/test_distributed_launch.py runs each of these paths with 2 real processes."""
     cmd = render_launch(recipe="r.yaml", strategy=strategy, num_processes=2, cpu=True, threads_per_process=1)
     if STRATEGIES[strategy].zero_stage is None:
         assert cmd.env == {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}

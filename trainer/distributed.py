@@ -53,7 +53,7 @@ class Strategy:
     zero_stage: int | None = None
     fsdp_version: int | None = None
     reentrant: bool = False
-    """Activation checkpointing reentrancy: reentrant under ZeRO-3 (transformers forces it for PEFT models),
+    """Activation checkpointing reentrancy: reentrant under ZeRO-3 (TRL's SFTTrainer forces it for PEFT models),
     non-reentrant everywhere else (DDP would otherwise see parameters marked ready twice)."""
     args: dict[str, Any] = field(default_factory=dict)
     """Extra SFTConfig arguments this strategy needs."""

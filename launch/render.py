@@ -34,9 +34,12 @@ class LaunchCommand:
     """Variables set on top of the caller's environment."""
 
     def shell(self) -> str:
-        """The command as one copy-pasteable shell line (for printing only; never executed as a string)."""
+        """The command as one copy-pasteable shell line (for printing only; never executed as a string), with
+        secrets (secret environment values, Hugging Face tokens: trainer/config.py redact_text) as ***."""
+        from trainer.config import redact_text
+
         prefix = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
-        return " ".join(prefix + [shlex.quote(a) for a in self.argv])
+        return redact_text(" ".join(prefix + [shlex.quote(a) for a in self.argv]))
 
 
 def accelerate_config_path(strategy: str, override: str | Path | None = None) -> Path:

@@ -50,8 +50,7 @@ def test_loss_falls_and_metrics_are_exact(basic):
     assert m["tokens_per_second"] > 0 and m["peak_memory_gib"] > 0 and m["wall_seconds"] > 0
     on_disk = json.loads((basic["out"] / "train_metrics.json").read_text())
     assert on_disk["tokens_trained"] == m["tokens_trained"]
-    saved = (basic["out"] / "recipe.yaml").read_text()
-    assert "output_dir" in saved and "HF_TOKEN" not in saved
+    assert load_recipe(basic["out"] / "recipe.yaml").training.output_dir == str(basic["out"])
 
 
 def _base_plus_adapter(out, dtype=torch.float32):
@@ -174,11 +173,14 @@ def test_pure_hardware_checks():
 
 
 def test_secrets_never_reach_logs_rendered_commands_or_saved_files(tiny, tmp_path):
-    """HF_TOKEN and WANDB_API_KEY in the environment: absent from a real run's output (console, output_dir,
+    """HF_TOKEN and WANDB_API_KEY in the environment AND in the recipe (the token pasted into the recipe's
+    description, the W&B key in an override): redacted from a real run's output (console, recipe.yaml,
     checkpoints, the W&B offline run) and from the rendered launch and sbatch commands."""
     import os
     import subprocess
     import sys
+
+    import yaml
 
     from tinyrecipe import REPO
 
@@ -186,21 +188,47 @@ def test_secrets_never_reach_logs_rendered_commands_or_saved_files(tiny, tmp_pat
     env = {**os.environ, **secrets, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
     path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out",
                         training={"max_steps": 2, "save_steps": 1, "report_to": "wandb"})
+    raw = yaml.safe_load(path.read_text())
+    raw["description"] = f"base pulled with {secrets['HF_TOKEN']}"
+    path.write_text(yaml.safe_dump(raw))
+    assert secrets["HF_TOKEN"] in path.read_text()  # the recipe really carries it
     runs = [subprocess.run([sys.executable, "-m", "trainer.train", str(path)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)]
     assert runs[0].returncode == 0, runs[0].stderr[-2000:]
-    for argv in (["train", str(path), "--gpus", "2", "--strategy", "zero3", "--dry-run"],
-                 ["slurm", str(path), "--nodes", "2", "--gpus-per-node", "0", "--dry-run"]):
+    assert "description: base pulled with ***" in runs[0].stdout  # the printed recipe, redacted
+    override = f"description=key {secrets['WANDB_API_KEY']}"
+    for argv in (["train", str(path), override, "--gpus", "2", "--strategy", "zero3", "--dry-run"],
+                 ["slurm", str(path), override, "--nodes", "2", "--gpus-per-node", "0", "--dry-run"]):
         runs.append(subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=REPO, env=env,
                                    capture_output=True, text=True, timeout=120))
         assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert "'description=key ***'" in runs[-1].stdout  # the command is printed, the key is not
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p != path]
     assert any(p.name == "adapter_model.safetensors" for p in files) and any("offline-run" in str(p) for p in files)
+    assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["description"] == "base pulled with ***"
     for value in secrets.values():
         for run in runs:
             assert value not in run.stdout + run.stderr
         for p in files:
             assert value.encode() not in p.read_bytes(), p
+
+
+def test_redacted_hides_secret_keys_environment_values_and_hf_tokens():
+    from trainer.config import redact_text, redacted
+
+    environ = {"HF_TOKEN": "hf_abcdefghijklmnop", "WANDB_API_KEY": "0123456789abcdef", "MY_PASSWORD": "hunter2hunter2",
+               "TOKENIZERS_PARALLELISM": "false-but-long", "SHORT_TOKEN": "abc"}
+    tree = {"model": {"name_or_path": "org/model", "hub_token": "anything", "revision": "v1.0"},
+            "training": {"run_name": "run with 0123456789abcdef", "sample_prompts": ["pw hunter2hunter2?"],
+                         "output_dir": "/out/false-but-long/abc"},
+            "description": "token hf_ZZZZZZZZZZZZZZZZZZZZ from elsewhere", "lora": {"r": 8}}
+    assert redacted(tree, environ) == {
+        "model": {"name_or_path": "org/model", "hub_token": "***", "revision": "v1.0"},
+        "training": {"run_name": "run with ***", "sample_prompts": ["pw ***?"],
+                     "output_dir": "/out/false-but-long/abc"},  # not secret variables, or too short to tell
+        "description": "token *** from elsewhere", "lora": {"r": 8}}
+    assert redact_text("accelerate launch -m trainer.train r.yaml x=hf_abcdefghijklmnop", environ).endswith("x=***")
+
 
 
 def test_rank_report_is_cheap_unless_asked_for(basic):

@@ -1,6 +1,7 @@
 """scalesft: the friendly front of the trainer and the launcher.
 
-    scalesft train RECIPE [section.key=value ...]        train (one process here; see --gpus/--strategy)
+    scalesft train RECIPE [section.key=value ...]        train (one process here; any launcher option such as
+                                                          --gpus/--strategy/--device runs accelerate launch)
     scalesft plan RECIPE --nodes N --gpus-per-node G      batch/precision/command per world size
     scalesft slurm RECIPE --nodes N --gpus-per-node G     render (--dry-run) or submit (--submit) a Slurm job
     scalesft generate OUTPUT_DIR "question"              answer one prompt, streaming
@@ -18,10 +19,10 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.gpus is not None or args.strategy is not None or args.dry_run:  # through accelerate launch
-        from launch.run import train_cli
+    from launch.run import launcher_requested, train_cli
 
-        return train_cli(args)
+    if launcher_requested(args):  # any of --gpus/--strategy/--device/--port/--accelerate-config/--dry-run
+        return train_cli(args)   # through accelerate launch (1 process unless --gpus), where each option acts
     from trainer.train import main as train_main
 
     return train_main([args.recipe, *args.overrides, *(["--verbose"] if args.verbose else [])])

@@ -240,3 +240,25 @@ def test_rank_report_is_cheap_unless_asked_for(basic):
     report = json.loads((basic["out"] / "ranks" / "rank-0.json").read_text())
     assert report["strategy"] == "single" and report["world_size"] == 1 and report["process_group_size"] == 1
     assert "adapter_digest" not in report
+
+
+def test_generate_chat_merge_refuse_remote_code_without_the_flag(basic, tmp_path, capsys):
+    """An output folder's recipe.yaml asking for model.trust_remote_code does not by itself run the model
+    repository's code: generate, chat and merge refuse with one line unless --trust-remote-code is given."""
+    import yaml
+
+    from launch.cli import main as cli
+
+    out = tmp_path / "out"
+    shutil.copytree(basic["out"], out, ignore=shutil.ignore_patterns("checkpoint-*"))
+    raw = yaml.safe_load((out / "recipe.yaml").read_text())
+    raw["model"]["trust_remote_code"] = True
+    (out / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    for argv in (["generate", str(out), "안녕?"], ["chat", str(out)], ["merge", str(out), str(tmp_path / "m")]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"scalesft: error: {out / 'recipe.yaml'} sets model.trust_remote_code: true, which runs code "
+                       f"from the model repository '{raw['model']['name_or_path']}': pass --trust-remote-code if "
+                       "you trust it"), err
+    assert not (tmp_path / "m").exists()
+    assert cli(["generate", str(out), "안녕?", "--max-new-tokens", "3", "--trust-remote-code"]) == 0

@@ -262,3 +262,31 @@ def test_generate_chat_merge_refuse_remote_code_without_the_flag(basic, tmp_path
                        "you trust it"), err
     assert not (tmp_path / "m").exists()
     assert cli(["generate", str(out), "안녕?", "--max-new-tokens", "3", "--trust-remote-code"]) == 0
+
+
+def test_liger_goes_through_trls_switch_with_trls_loss(tiny, tmp_path, monkeypatch):
+    """model.liger_kernel on: the run sets SFTConfig(use_liger_kernel=True) and nothing else, so the Trainer
+    applies Liger when training starts with the config TRL set: fused linear cross-entropy off (TRL's own fused
+    LM head computes the loss). Liger's Triton kernels cannot run on a CPU: the application is recorded and the
+    run stopped there; what the kernels do on a GPU is not checked here."""
+    import transformers.trainer
+
+    import trainer.train as train_mod
+
+    class Applied(Exception):
+        pass
+
+    def record(model, config):
+        raise Applied(model, config)
+
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", record)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out", training={"max_steps": 1}))
+    r = train_mod.resolve(recipe)
+    r.liger = True
+    with pytest.raises(Applied) as got:
+        train(recipe, resolved=r)
+    model, config = got.value.args
+    assert config == {"fused_linear_cross_entropy": False}
+    assert type(model).__name__ == "PeftModelForCausalLM"  # the trained model, LoRA attached
+    # and the loaded base model was left alone until then: no Liger module anywhere
+    assert not any("Liger" in type(m).__name__ for m in model.modules())

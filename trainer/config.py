@@ -53,8 +53,8 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "auto"
     """auto: flash_attention_2 when installed and on a GPU, else sdpa."""
     liger_kernel: bool | Literal["auto"] = "auto"
-    """Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy). auto: on a CUDA GPU
-    when liger-kernel is installed."""
+    """Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE), through TRL's use_liger_kernel; the loss stays TRL's
+    own (TRL turns Liger's fused linear cross-entropy off). auto: on a CUDA GPU when liger-kernel is installed."""
 
 
 @dataclass(kw_only=True, slots=True)

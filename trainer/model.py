@@ -141,8 +141,9 @@ def register_varlen_attention() -> str:
     return VARLEN_ATTN
 
 
-def load_model(cfg: ModelConfig, q: QuantizationConfig, *, dtype: str, attn: str, strategy: Strategy,
-               liger: bool = False):
+def load_model(cfg: ModelConfig, q: QuantizationConfig, *, dtype: str, attn: str, strategy: Strategy):
+    """The base model as from_pretrained loads it for this strategy. Liger is not applied here: the Trainer
+    applies it when training starts (SFTConfig use_liger_kernel, trainer/train.py), with TRL's loss path."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -159,10 +160,6 @@ def load_model(cfg: ModelConfig, q: QuantizationConfig, *, dtype: str, attn: str
     model.config.use_cache = False  # no KV cache in training (and it conflicts with checkpointing)
     if q.bits == 4:
         keep_trainable_4bit_layout(model)
-    if liger:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model)
     return model
 
 

@@ -113,6 +113,9 @@ def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
         packing_strategy="bfd",
         dataset_num_proc=None,
         remove_unused_columns=True,
+        # Liger's RMSNorm/SwiGLU/RoPE kernels through TRL's public switch, applied when training starts; TRL turns
+        # Liger's fused cross-entropy off (it would replace the forward TRL patches with its own fused LM head)
+        use_liger_kernel=r.liger,
         **r.strategy.args,
     )
 
@@ -189,7 +192,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
 
     args = sft_config(recipe, r, has_eval=eval_dataset is not None)
     model = load_model(recipe.model, recipe.quantization, dtype=r.compute_dtype, attn=r.attn_implementation,
-                       strategy=s, liger=r.liger)
+                       strategy=s)
     samples = recipe.training.sample_prompts
     before = generate.answers(model, tokenizer, recipe, samples) if samples and is_main else []
 

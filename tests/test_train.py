@@ -192,10 +192,10 @@ def test_secrets_never_reach_logs_rendered_commands_or_saved_files(tiny, tmp_pat
     raw["description"] = f"base pulled with {secrets['HF_TOKEN']}"
     path.write_text(yaml.safe_dump(raw))
     assert secrets["HF_TOKEN"] in path.read_text()  # the recipe really carries it
-    runs = [subprocess.run([sys.executable, "-m", "trainer.train", str(path)], cwd=REPO, env=env,
+    runs = [subprocess.run([sys.executable, "-m", "trainer.train", str(path), "--verbose"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)]
     assert runs[0].returncode == 0, runs[0].stderr[-2000:]
-    assert "description: base pulled with ***" in runs[0].stdout  # the printed recipe, redacted
+    assert "description: base pulled with ***" in runs[0].stdout  # the printed recipe (--verbose), redacted
     override = f"description=key {secrets['WANDB_API_KEY']}"
     for argv in (["train", str(path), override, "--gpus", "2", "--strategy", "zero3", "--dry-run"],
                  ["slurm", str(path), override, "--nodes", "2", "--gpus-per-node", "0", "--dry-run"]):

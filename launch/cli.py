@@ -1,6 +1,7 @@
 """scalesft: the friendly front of the trainer and the launcher.
 
-    scalesft train RECIPE [section.key=value ...]        train (one process here; see --gpus/--strategy)
+    scalesft train RECIPE [section.key=value ...]        train (one process here; any launcher option such as
+                                                          --gpus/--strategy/--device runs accelerate launch)
     scalesft plan RECIPE --nodes N --gpus-per-node G      batch/precision/command per world size
     scalesft slurm RECIPE --nodes N --gpus-per-node G     render (--dry-run) or submit (--submit) a Slurm job
     scalesft generate OUTPUT_DIR "question"              answer one prompt, streaming
@@ -18,10 +19,10 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.gpus is not None or args.strategy is not None or args.dry_run:  # through accelerate launch
-        from launch.run import train_cli
+    from launch.run import launcher_requested, train_cli
 
-        return train_cli(args)
+    if launcher_requested(args):  # any of --gpus/--strategy/--device/--port/--accelerate-config/--dry-run
+        return train_cli(args)   # through accelerate launch (1 process unless --gpus), where each option acts
     from trainer.train import main as train_main
 
     return train_main([args.recipe, *args.overrides, *(["--verbose"] if args.verbose else [])])
@@ -30,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from trainer.generate import answer, load_trained
 
-    model, tokenizer, recipe = load_trained(args.output_dir)
+    model, tokenizer, recipe = load_trained(args.output_dir, trust_remote_code=args.trust_remote_code)
     answer(model, tokenizer, recipe, args.prompt, max_new_tokens=args.max_new_tokens, stream=True,
            sample=args.sample)
     return 0
@@ -39,7 +40,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from trainer.generate import answer, load_trained
 
-    model, tokenizer, recipe = load_trained(args.output_dir)
+    model, tokenizer, recipe = load_trained(args.output_dir, trust_remote_code=args.trust_remote_code)
     print("scalesft chat: type a question, an empty line or Ctrl-D to quit.\n> ", end="", flush=True)
     for line in sys.stdin:
         if not line.strip():
@@ -54,8 +55,15 @@ def _chat(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from trainer.generate import merge
 
-    print(f"merged model written to {merge(args.output_dir, args.merged_dir, dtype=args.dtype)}")
+    merged = merge(args.output_dir, args.merged_dir, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    print(f"merged model written to {merged}")
     return 0
+
+
+def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model repository's own code when the run's recipe.yaml asks for it "
+                        "(model.trust_remote_code); refused otherwise")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -92,12 +100,14 @@ def make_parser() -> argparse.ArgumentParser:
             g.add_argument("prompt")
         g.add_argument("--max-new-tokens", type=int, default=256)
         g.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
+        _add_trust_remote_code(g)
         g.set_defaults(func=func)
 
     m = sub.add_parser("merge", help="merge the adapter into the base model (16-bit)")
     m.add_argument("output_dir")
     m.add_argument("merged_dir")
     m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    _add_trust_remote_code(m)
     m.set_defaults(func=_merge)
     return p
 

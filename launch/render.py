@@ -5,7 +5,8 @@ environment variables to set; nothing is executed here (launch/run.py is the one
     >>> cmd.shell()   # DS_ACCELERATOR=cpu accelerate launch --config_file .../zero2.yaml ...
 
 Every variable the launch depends on is in `env` (declared, not hidden); the caller's environment is
-inherited underneath it. The CPU paths are the ones FACTS.md measured to really work:
+inherited underneath it. The CPU paths are the ones that really start N synchronised processes
+(tests/test_distributed_launch.py runs each with 2 real processes):
 - DDP / FSDP2: the torchrun path (a MULTI_GPU / FSDP config) with ACCELERATE_USE_CPU=true in the processes.
   (`accelerate launch --cpu` starts ONE process; `use_cpu: true` in a config file never reaches them.)
   FSDP2 on CPU also needs the trainer to force accelerate's state to FSDP: trainer/distributed.py does.
@@ -33,9 +34,12 @@ class LaunchCommand:
     """Variables set on top of the caller's environment."""
 
     def shell(self) -> str:
-        """The command as one copy-pasteable shell line (for printing only; never executed as a string)."""
+        """The command as one copy-pasteable shell line (for printing only; never executed as a string), with
+        secrets (secret environment values, Hugging Face tokens: trainer/config.py redact_text) as ***."""
+        from trainer.config import redact_text
+
         prefix = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
-        return " ".join(prefix + [shlex.quote(a) for a in self.argv])
+        return redact_text(" ".join(prefix + [shlex.quote(a) for a in self.argv]))
 
 
 def accelerate_config_path(strategy: str, override: str | Path | None = None) -> Path:

@@ -22,6 +22,9 @@ from launch.render import LaunchCommand, render_launch
 from launch.strategy import STRATEGIES, planned_precision, resolve_qlora
 
 
+DEFAULT_PORT = 29500
+
+
 def accelerate_executable() -> str:
     """`accelerate` from PATH, else the one installed next to this Python (an unactivated venv)."""
     found = shutil.which("accelerate")
@@ -55,7 +58,9 @@ def prepare_train(args: argparse.Namespace) -> LaunchCommand:
     strategy = args.strategy or "ddp"
     if world < 1:
         raise ValueError(f"--gpus must be >= 1, got {world}")
-    cpu = args.device == "cpu" or (args.device == "auto" and not _cuda_available())
+    device = args.device or "auto"
+    port = DEFAULT_PORT if args.port is None else args.port
+    cpu = device == "cpu" or (device == "auto" and not _cuda_available())
     plan_batch(recipe.training.global_batch_size, recipe.training.micro_batch_size, world)
     resolve_qlora(strategy=strategy, bits=recipe.quantization.bits,
                   compute_dtype=recipe.quantization.compute_dtype,
@@ -66,11 +71,11 @@ def prepare_train(args: argparse.Namespace) -> LaunchCommand:
         check_rows(train_rows(rows, limit=recipe.data.limit, eval_fraction=recipe.data.eval_fraction), world,
                    where=f"the training set ({recipe.data.path})")
     cmd = render_launch(recipe=args.recipe, overrides=args.overrides, strategy=strategy, num_processes=world,
-                        main_process_port=args.port, cpu=cpu,
+                        main_process_port=port, cpu=cpu,
                         threads_per_process=(os.cpu_count() or 1) // world if cpu else None,
                         accelerate_config=args.accelerate_config, accelerate=accelerate_executable())
     if not args.dry_run:
-        check_port(args.port)
+        check_port(port)
     return cmd
 
 
@@ -82,14 +87,24 @@ def _cuda_available() -> bool:
 
 def add_launch_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The launcher's options (the recipe and overrides positionals are the caller's)."""
+    # Defaults are None, so that `scalesft train` can tell an option given from one left out: any of these given
+    # routes the run through `accelerate launch` (launch/cli.py), where each one acts.
     p.add_argument("--gpus", type=int, default=None, help="processes on this node: GPUs, or CPU processes (default 1)")
     p.add_argument("--strategy", default=None, choices=list(STRATEGIES), help="default ddp")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="auto: cuda when a GPU is visible, else cpu (gloo)")
-    p.add_argument("--port", type=int, default=29500, help="main process port (0: pick a free one)")
+    p.add_argument("--device", default=None, choices=["auto", "cuda", "cpu"],
+                   help="default auto: cuda when a GPU is visible, else cpu (gloo)")
+    p.add_argument("--port", type=int, default=None, help=f"main process port (default {DEFAULT_PORT}; 0: pick a free one)")
     p.add_argument("--accelerate-config", default=None, help="use this accelerate config instead of the shipped one")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     return p
+
+
+LAUNCH_OPTIONS = ("gpus", "strategy", "device", "port", "accelerate_config")
+
+
+def launcher_requested(args: argparse.Namespace) -> bool:
+    """True when any launcher option (or --dry-run) was given: the run must go through `accelerate launch`."""
+    return args.dry_run or any(getattr(args, name, None) is not None for name in LAUNCH_OPTIONS)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -238,8 +238,10 @@ def dry_run(cmd: SbatchCommand) -> str:
                     cwd=cmd.env.get("SCALESFT_HOME"))
     if p.returncode:
         raise SlurmError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"template failed ({p.returncode})")
+    from trainer.config import redact_text
+
     return (f"# submit:\n{cmd.shell()}\n# the batch step then runs (on a {cmd.env['SCALESFT_NODES']}-node "
-            f"allocation):\n{p.stderr}{p.stdout}")
+            f"allocation):\n{redact_text(p.stderr + p.stdout)}")
 
 
 def submit(cmd: SbatchCommand) -> str:

@@ -87,7 +87,7 @@ def resolve_qlora(*, strategy: str, bits: int | None, compute_dtype: str, precis
             f"--strategy ddp / zero2")
     dtype = DTYPES[precision] if compute_dtype == "auto" else compute_dtype
     quantized = bits is not None
-    # transformers forces reentrant checkpointing for PEFT under ZeRO-3 (FACTS.md); everything else runs
+    # TRL's SFTTrainer (1.16) forces use_reentrant=True for PEFT under ZeRO-3; everything else runs
     # non-reentrant, which DDP needs to avoid marking parameters ready twice.
     reentrant = None if not gradient_checkpointing else spec.zero_stage == 3
     return QLoraResolution(

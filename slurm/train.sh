@@ -57,13 +57,15 @@ source "$profile"
 export PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}"
 
 # Where rank 0 (on this node: machine rank 0 is the first node, where the batch step runs) reports how the
-# run ended, and where this script asks it to stop even if a signal came before the trainers listened.
-state_dir=${TMPDIR:-/tmp}/scalesft-${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}
-export SCALESFT_STATUS_FILE=$state_dir/status SCALESFT_STOP_FILE=$state_dir/stop SCALESFT_RECIPE=$recipe
-
+# run ended, and where this script asks it to stop even if a signal came before the trainers listened: a new
+# private folder (mktemp -d: unpredictable name, mode 0700), so no other user can pre-create, read or
+# symlink it. Removed when the script exits.
+export SCALESFT_RECIPE=$recipe
 if [[ ${SCALESFT_DRY_RUN:-0} != 1 ]]; then
-    mkdir -p "$state_dir"
-    rm -f "$SCALESFT_STATUS_FILE" "$SCALESFT_STOP_FILE"
+    state_dir=$(mktemp -d "${TMPDIR:-/tmp}/scalesft-${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}.XXXXXXXX") \
+        || die "cannot create a private state folder in ${TMPDIR:-/tmp} on $(hostname): set TMPDIR to a writable folder"
+    chmod 700 "$state_dir"
+    export SCALESFT_STATUS_FILE=$state_dir/status SCALESFT_STOP_FILE=$state_dir/stop
     trap 'rm -rf "$state_dir"' EXIT
     stop_signal=
     on_signal() {  # forward to the launch step: srun delivers it to every process of the step on every node

@@ -58,7 +58,7 @@ def test_checkpointing_choice_follows_the_budget():
 
 def test_lora_flops_llama8b():
     per_tok = train_flops(LLAMA_8B, [1024], lora_r=64) / 1024
-    # FACTS.md: ~30 GFLOP/token without recomputation (2 x 2 x 7.5 B linear params), ~45 with it
+    # ~30 GFLOP/token without recomputation (2 FLOPs x 2 passes x ~7.5 B linear params), ~45 with it (3 passes)
     assert 29e9 < per_tok < 33e9
     assert 44e9 < train_flops(LLAMA_8B, [1024], lora_r=64, recompute=True) / 1024 < 48e9
     full = train_flops(LLAMA_8B, [1024], lora_r=None) / 1024

@@ -63,3 +63,64 @@ def test_adapter_digest_matches_in_memory_and_saved_names():
     saved["base_model.model.layers.0.q_proj.lora_B.weight"][0, 0] = 1e-7
     assert adapter_digest(a) != adapter_digest(saved)
     assert _canonical("module.base_model.x.lora_A.default.weight") == "base_model.x.lora_A.weight"
+
+
+class _Captured(Exception):
+    """Raised by the stand-in for the process-group constructor, carrying the arguments it was given."""
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_the_process_group_is_created_with_the_recipes_ddp_timeout(env, strategy):
+    """resolve() creates the process group (the Trainer comes later and cannot change it): torch's
+    init_process_group (DDP, FSDP2) or deepspeed.comm.init_distributed (ZeRO) must get training.ddp_timeout.
+    The constructor is replaced by one that records its arguments and stops: no group, no processes.
+    (tests/test_distributed_launch.py::test_hung_rank_fails_after_ddp_timeout shows the real effect.)"""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    from trainer.config import recipe_from_dict
+    from trainer.distributed import resolve
+    from trainer.hardware import Hardware
+
+    def capture(*args, **kwargs):
+        raise _Captured(kwargs)
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999",
+                 "OMP_NUM_THREADS": str(torch.get_num_threads())}.items():  # else accelerate sets 1 thread here
+        env.setenv(k, v)
+    if strategy == "zero2":
+        import deepspeed.comm
+
+        env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(DS_CONFIG_DIR / "zero2.json"))
+        env.setattr(deepspeed.comm, "init_distributed", capture)
+    else:
+        env.setattr(torch.distributed, "init_process_group", capture)
+    recipe = recipe_from_dict({"model": {"name_or_path": "x"}, "data": {"path": "x.json"},
+                               "training": {"output_dir": "o", "ddp_timeout": 7}})
+    PartialState._reset_state()
+    try:
+        with pytest.raises(_Captured) as got:
+            resolve(Hardware(cuda=False), recipe, "fp32")
+    finally:
+        PartialState._reset_state()
+    kwargs = got.value.args[0]
+    assert kwargs["timeout"] == timedelta(seconds=7)
+    if strategy == "zero2":
+        assert kwargs["dist_backend"] == "gloo"
+
+
+def test_a_collective_timeout_becomes_one_line(env):
+    from trainer.distributed import collective_timeout_line
+
+    gloo = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation")
+    assert collective_timeout_line(gloo, 20) is None  # one process: no other rank to blame
+    env.setenv("WORLD_SIZE", "3")
+    env.setenv("RANK", "2")
+    assert collective_timeout_line(gloo, 20) == (
+        "rank 2 of 3: a collective waited longer than training.ddp_timeout=20 s for the other rank(s) (0, 1): "
+        "one of them hung or died; its own log shows where it stopped")
+    assert collective_timeout_line(RuntimeError("CUDA out of memory"), 20) is None
+    assert collective_timeout_line(ValueError("timed out"), 20) is None

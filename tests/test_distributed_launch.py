@@ -4,9 +4,11 @@
 Each launch is made once per module and checked for several things:
 - the strategy really ran: every rank writes ranks/rank-N.json from accelerate's state and the live model
   (DeepSpeed engine's ZeRO stage, ZeRO-3 partitioned weights, FSDP2 sharded DTensors, gloo group size);
-- every rank holds the same full adapter (digest of the gathered LoRA weights), and it is the saved one;
+- every rank holds the same full adapter (digest of the gathered LoRA weights, SCALESFT_RANK_REPORT=1), and it
+  is the saved one;
 - the saved adapter is complete and reloads onto the base model;
-- equivalence: at the same global batch the adapter equals the 1-process run's (max abs diff <= 1e-5).
+- equivalence: at the same global batch the adapter equals the 1-process run's (max abs diff <= 1e-5);
+- a rank that hangs fails the job after training.ddp_timeout, with one line naming the waiting rank.
 
 Imports cost ~7 s per process and DeepSpeed JIT-compiles a shared-memory op on its first run (+25-40 s, up to
 minutes on a busy 2-core box): TORCH_EXTENSIONS_DIR is kept in a stable folder so later runs reuse it.
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +67,7 @@ def launch(tiny, tmp_path_factory):
         # the venv's bin first, as when it is activated: torch JIT-builds DeepSpeed's op with the first `ninja` on
         # PATH, and a different ninja (system vs venv) invalidates the cached build (+25-170 s)
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env["SCALESFT_RANK_REPORT"] = "1"  # every rank adds the digest of the full adapter it holds
         if gpus is None:  # one plain process, as `python -m trainer.train` runs it; one thread like each rank
             argv = [sys.executable, "-m", "trainer.train", str(recipe)]
             env["OMP_NUM_THREADS"] = "1"
@@ -194,8 +199,8 @@ def test_uneven_world_size_three(launch):
     one = launch("single12", training={"global_batch_size": 12, "micro_batch_size": 2, "max_steps": steps})
     three = launch("ddp3", gpus=3, strategy="ddp", by_hand=True,
                    training={"global_batch_size": 12, "micro_batch_size": 2, "max_steps": steps})
-    # typed by hand without ACCELERATE_USE_CPU, the trainer still builds a real 3-rank gloo group (FACTS.md: a
-    # plain launch used to train 3 unsynchronised copies at world size 1)
+    # typed by hand without ACCELERATE_USE_CPU, the trainer still builds a real 3-rank gloo group (a plain launch
+    # used to start 3 processes that each saw a world of 1 and trained 3 unsynchronised copies)
     assert all(x["distributed_type"] == "MULTI_CPU" for x in three.ranks)
     assert one.metrics["gradient_accumulation_steps"] == 6
     diff = check_run(three, one, world=3, accumulation=2, strategy="ddp", steps=steps)
@@ -217,3 +222,52 @@ def test_qlora_4bit_ddp_two_processes(launch, tiny):
 
     assert {x["adapter_digest"] for x in r.ranks} == {adapter_digest(r.adapter())}
     reload(r, tiny)
+
+
+def test_hung_rank_fails_after_ddp_timeout(tiny, tmp_path):
+    """Rank 1 stops answering after step 2 (tests/hang_rank.py, a test-only callback around the real
+    entry point); rank 0 waits in the next collective. With training.ddp_timeout=20 the group created by
+    trainer/distributed.py gives up after 20 s (torch's default would be 30 min on gloo): rank 0 prints one
+    line naming itself and the timeout, and the launcher ends the job. The hung rank ignores SIGTERM (the
+    trainer's handler only asks for a checkpoint), so torchrun kills it after its 30 s grace."""
+    from launch.render import render_launch
+    from launch.run import accelerate_executable
+
+    timeout = 20
+    recipe = write_recipe(tmp_path / "hang.yaml", tiny, tmp_path / "out",
+                          training={"max_steps": 50, "ddp_timeout": timeout}, data={"max_seq_length": 128})
+    cmd = render_launch(recipe=recipe, strategy="ddp", num_processes=2, main_process_port=0, cpu=True,
+                        threads_per_process=1, accelerate=accelerate_executable(), module="hang_rank")
+    env = {**os.environ, **cmd.env, "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd.argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[tuple[float, str]] = []  # (arrival time, line)
+    watchdog = threading.Timer(400, proc.kill)  # startup + the timeout + grace; without the fix: 30 min
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            lines.append((time.time(), line.rstrip("\n")))
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    ended = time.time()
+    text = "\n".join(line for _, line in lines)
+    # (a progress bar may precede it on the same line: tqdm ends its updates with \r, not \n)
+    found = [re.search(r"\[hang\] rank 1 hangs .* at ([0-9.]+)", line) for _, line in lines]
+    hang = [float(m.group(1)) for m in found if m]
+    assert hang, f"rank 1 never reached the hang:\n{text[-6000:]}"
+    assert proc.returncode != 0
+    error = [(t, line) for t, line in lines if "scalesft: error: rank 0 of 2" in line]
+    assert error, f"no timeout line from rank 0:\n{text[-6000:]}"
+    t_error, line = error[0]
+    assert line.endswith(f"scalesft: error: rank 0 of 2: a collective waited longer than training.ddp_timeout="
+                         f"{timeout} s for the other rank(s) (1): one of them hung or died; its own log shows "
+                         "where it stopped"), line
+    waited, total = t_error - hang[0], ended - hang[0]
+    print(f"\n[hung rank] timeout {timeout} s: rank 0's error after {waited:.1f} s, job ended after {total:.1f} s")
+    assert timeout - 1 < waited < timeout + 15, text[-4000:]  # the recipe's timeout, not torch's 30 min
+    assert total < timeout + 30 + 20  # + torchrun's 30 s SIGTERM grace for the hung rank + a margin

@@ -46,7 +46,7 @@ def accelerate_view(argv):
 def test_render_each_strategy_as_accelerate_reads_it(strategy):
     cmd = render_launch(recipe="r.yaml", overrides=["training.max_steps=5"], strategy=strategy, num_processes=4)
     assert all(isinstance(a, str) for a in cmd.argv) and cmd.env == {}  # on GPUs nothing extra is set
-    assert "--cpu" not in cmd.argv  # `accelerate launch --cpu` silently starts ONE process (FACTS.md)
+    assert "--cpu" not in cmd.argv  # `accelerate launch --cpu` silently starts ONE process, whatever --num_processes
     a = accelerate_view(cmd.argv)
     assert a.num_processes == 4 and a.num_machines == 1
     assert a.module and a.training_script == "trainer.train" and a.training_script_args == ["r.yaml",
@@ -64,8 +64,9 @@ def test_render_each_strategy_as_accelerate_reads_it(strategy):
 
 @pytest.mark.parametrize("strategy", ALL)
 def test_render_cpu_takes_the_paths_that_work(strategy):
-    """FACTS.md: DDP/FSDP on CPU need ACCELERATE_USE_CPU in the processes (the torchrun path);
-    DeepSpeed must NOT get use_cpu (the trainer passes ddp_backend=gloo instead)."""
+    """DDP/FSDP on CPU need ACCELERATE_USE_CPU in the processes (the torchrun path; `use_cpu: true` in a config
+    file never reaches them); DeepSpeed must NOT get use_cpu (the trainer passes ddp_backend=gloo instead).
+    tests/test_distributed_launch.py runs each of these paths with 2 real processes."""
     cmd = render_launch(recipe="r.yaml", strategy=strategy, num_processes=2, cpu=True, threads_per_process=1)
     if STRATEGIES[strategy].zero_stage is None:
         assert cmd.env == {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -223,3 +224,42 @@ def test_scalesft_cli_wires_plan_and_train(recipe):
     assert out.stdout.startswith("ACCELERATE_USE_CPU=true ") and "--num_processes 2" in out.stdout
     out = cli("train", str(recipe), "--gpus", "3", "--device", "cpu", "--dry-run")
     assert out.returncode == 2 and out.stderr.strip().startswith("scalesft train: error: training.global_batch_size")
+
+
+def test_every_train_option_acts(recipe, tmp_path, monkeypatch):
+    """`scalesft train` with any launcher option goes through accelerate launch (1 process unless --gpus), so
+    --device, --port and --accelerate-config act on their own; with none it runs the trainer in this process.
+    Nothing is started: execute() and the trainer's main are replaced by recorders."""
+    from launch import cli
+    from trainer import train as train_mod
+
+    launched, trained = [], []
+    monkeypatch.setattr(run_mod, "execute", lambda cmd, **kw: launched.append(cmd) or 0)
+    monkeypatch.setattr(train_mod, "main", lambda argv: trained.append(argv) or 0)
+
+    def train(*options):
+        launched.clear()
+        trained.clear()
+        assert cli.main(["train", str(recipe), *options, "training.max_steps=2"]) == 0
+        if not launched:
+            return None
+        (cmd,) = launched
+        return cmd, accelerate_view(cmd.argv)
+
+    assert train() is None and trained == [[str(recipe), "training.max_steps=2"]]
+    with socket.socket() as s:  # a port that is free now (check_port really runs)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd, a = train("--port", str(port))
+    assert a.main_process_port == port and a.num_processes == 1 and not trained
+    monkeypatch.setattr(run_mod, "check_port", lambda port: None)  # the default 29500 may be taken here
+    cmd, a = train("--device", "cpu")
+    assert cmd.env.get("ACCELERATE_USE_CPU") == "true" and a.num_processes == 1
+    assert a.training_script_args == [str(recipe), "training.max_steps=2"]
+    cmd, a = train("--device", "cuda")
+    assert "ACCELERATE_USE_CPU" not in cmd.env and "DS_ACCELERATOR" not in cmd.env
+    custom = tmp_path / "my-ddp.yaml"
+    custom.write_text((ACCELERATE_CONFIG_DIR / "ddp.yaml").read_text())
+    cmd, a = train("--accelerate-config", str(custom))
+    assert a.config_file == str(custom)
+    assert not trained

@@ -208,3 +208,43 @@ def test_signal_sets_the_stop_flag_only(sig):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def test_template_state_folder_is_private_and_unpredictable(tmp_path):
+    """slurm/train.sh keeps the trainers' status and stop files in a fresh `mktemp -d` folder (mode 0700, random
+    name), not in the predictable TMPDIR/scalesft-JOB.RESTART another local user could pre-create or symlink.
+    The template runs for real (preflight included) with a stand-in `srun` that records the folder it was given
+    and reports a completed run, as rank 0 does."""
+    import stat
+    import subprocess
+    import sys
+
+    bin_dir, tmp = tmp_path / "bin", tmp_path / "tmp"
+    bin_dir.mkdir()
+    tmp.mkdir()
+    seen = tmp_path / "seen"
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\n"
+        f'd=$(dirname "$SCALESFT_STATUS_FILE"); stat -c "%a %u" "$d" > {seen}; echo "$d" >> {seen}\n'
+        'echo "completed step=1" > "$SCALESFT_STATUS_FILE"\n')
+    (bin_dir / "srun").chmod(0o755)
+    # the old predictable name, planted as a symlink to someone else's folder
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("x")
+    (tmp / "scalesft-4242.0").symlink_to(victim)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SCALESFT_"))}
+    env.update({"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(tmp), "SLURM_JOB_ID": "4242",
+                "SLURM_NNODES": "1", "CUDA_VISIBLE_DEVICES": "", "SCALESFT_MAIN_HOST": "localhost",
+                "SCALESFT_HOME": str(REPO), "SCALESFT_PYTHON": sys.executable})
+    p = subprocess.run(["bash", str(TEMPLATE), str(recipe_file(tmp_path))], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "trainer status: completed step=1" in p.stdout, p.stdout
+    mode, uid, folder = seen.read_text().split()
+    assert (mode, int(uid)) == ("700", os.getuid())
+    folder = Path(folder)
+    assert folder.parent == tmp and folder.name.startswith("scalesft-4242.0.") and folder.name != "scalesft-4242.0"
+    assert not folder.exists()  # removed at exit
+    assert sorted(p.name for p in victim.iterdir()) == ["precious"]  # the planted link was never followed
+    assert stat.S_ISLNK((tmp / "scalesft-4242.0").lstat().st_mode)

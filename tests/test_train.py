@@ -50,8 +50,7 @@ def test_loss_falls_and_metrics_are_exact(basic):
     assert m["tokens_per_second"] > 0 and m["peak_memory_gib"] > 0 and m["wall_seconds"] > 0
     on_disk = json.loads((basic["out"] / "train_metrics.json").read_text())
     assert on_disk["tokens_trained"] == m["tokens_trained"]
-    saved = (basic["out"] / "recipe.yaml").read_text()
-    assert "output_dir" in saved and "HF_TOKEN" not in saved
+    assert load_recipe(basic["out"] / "recipe.yaml").training.output_dir == str(basic["out"])
 
 
 def _base_plus_adapter(out, dtype=torch.float32):
@@ -174,11 +173,14 @@ def test_pure_hardware_checks():
 
 
 def test_secrets_never_reach_logs_rendered_commands_or_saved_files(tiny, tmp_path):
-    """HF_TOKEN and WANDB_API_KEY in the environment: absent from a real run's output (console, output_dir,
+    """HF_TOKEN and WANDB_API_KEY in the environment AND in the recipe (the token pasted into the recipe's
+    description, the W&B key in an override): redacted from a real run's output (console, recipe.yaml,
     checkpoints, the W&B offline run) and from the rendered launch and sbatch commands."""
     import os
     import subprocess
     import sys
+
+    import yaml
 
     from tinyrecipe import REPO
 
@@ -186,18 +188,105 @@ def test_secrets_never_reach_logs_rendered_commands_or_saved_files(tiny, tmp_pat
     env = {**os.environ, **secrets, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
     path = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out",
                         training={"max_steps": 2, "save_steps": 1, "report_to": "wandb"})
-    runs = [subprocess.run([sys.executable, "-m", "trainer.train", str(path)], cwd=REPO, env=env,
+    raw = yaml.safe_load(path.read_text())
+    raw["description"] = f"base pulled with {secrets['HF_TOKEN']}"
+    path.write_text(yaml.safe_dump(raw))
+    assert secrets["HF_TOKEN"] in path.read_text()  # the recipe really carries it
+    runs = [subprocess.run([sys.executable, "-m", "trainer.train", str(path), "--verbose"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)]
     assert runs[0].returncode == 0, runs[0].stderr[-2000:]
-    for argv in (["train", str(path), "--gpus", "2", "--strategy", "zero3", "--dry-run"],
-                 ["slurm", str(path), "--nodes", "2", "--gpus-per-node", "0", "--dry-run"]):
+    assert "description: base pulled with ***" in runs[0].stdout  # the printed recipe (--verbose), redacted
+    override = f"description=key {secrets['WANDB_API_KEY']}"
+    for argv in (["train", str(path), override, "--gpus", "2", "--strategy", "zero3", "--dry-run"],
+                 ["slurm", str(path), override, "--nodes", "2", "--gpus-per-node", "0", "--dry-run"]):
         runs.append(subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=REPO, env=env,
                                    capture_output=True, text=True, timeout=120))
         assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert "'description=key ***'" in runs[-1].stdout  # the command is printed, the key is not
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p != path]
     assert any(p.name == "adapter_model.safetensors" for p in files) and any("offline-run" in str(p) for p in files)
+    assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["description"] == "base pulled with ***"
     for value in secrets.values():
         for run in runs:
             assert value not in run.stdout + run.stderr
         for p in files:
             assert value.encode() not in p.read_bytes(), p
+
+
+def test_redacted_hides_secret_keys_environment_values_and_hf_tokens():
+    from trainer.config import redact_text, redacted
+
+    environ = {"HF_TOKEN": "hf_abcdefghijklmnop", "WANDB_API_KEY": "0123456789abcdef", "MY_PASSWORD": "hunter2hunter2",
+               "TOKENIZERS_PARALLELISM": "false-but-long", "SHORT_TOKEN": "abc"}
+    tree = {"model": {"name_or_path": "org/model", "hub_token": "anything", "revision": "v1.0"},
+            "training": {"run_name": "run with 0123456789abcdef", "sample_prompts": ["pw hunter2hunter2?"],
+                         "output_dir": "/out/false-but-long/abc"},
+            "description": "token hf_ZZZZZZZZZZZZZZZZZZZZ from elsewhere", "lora": {"r": 8}}
+    assert redacted(tree, environ) == {
+        "model": {"name_or_path": "org/model", "hub_token": "***", "revision": "v1.0"},
+        "training": {"run_name": "run with ***", "sample_prompts": ["pw ***?"],
+                     "output_dir": "/out/false-but-long/abc"},  # not secret variables, or too short to tell
+        "description": "token *** from elsewhere", "lora": {"r": 8}}
+    assert redact_text("accelerate launch -m trainer.train r.yaml x=hf_abcdefghijklmnop", environ).endswith("x=***")
+
+
+
+def test_rank_report_is_cheap_unless_asked_for(basic):
+    """Every run writes what really ran; the full-adapter digest (a gather of the whole adapter on every rank)
+    only with SCALESFT_RANK_REPORT=1, which the multi-process tests set."""
+    import os
+
+    assert os.environ.get("SCALESFT_RANK_REPORT") is None
+    report = json.loads((basic["out"] / "ranks" / "rank-0.json").read_text())
+    assert report["strategy"] == "single" and report["world_size"] == 1 and report["process_group_size"] == 1
+    assert "adapter_digest" not in report
+
+
+def test_generate_chat_merge_refuse_remote_code_without_the_flag(basic, tmp_path, capsys):
+    """An output folder's recipe.yaml asking for model.trust_remote_code does not by itself run the model
+    repository's code: generate, chat and merge refuse with one line unless --trust-remote-code is given."""
+    import yaml
+
+    from launch.cli import main as cli
+
+    out = tmp_path / "out"
+    shutil.copytree(basic["out"], out, ignore=shutil.ignore_patterns("checkpoint-*"))
+    raw = yaml.safe_load((out / "recipe.yaml").read_text())
+    raw["model"]["trust_remote_code"] = True
+    (out / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    for argv in (["generate", str(out), "안녕?"], ["chat", str(out)], ["merge", str(out), str(tmp_path / "m")]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"scalesft: error: {out / 'recipe.yaml'} sets model.trust_remote_code: true, which runs code "
+                       f"from the model repository '{raw['model']['name_or_path']}': pass --trust-remote-code if "
+                       "you trust it"), err
+    assert not (tmp_path / "m").exists()
+    assert cli(["generate", str(out), "안녕?", "--max-new-tokens", "3", "--trust-remote-code"]) == 0
+
+
+def test_liger_goes_through_trls_switch_with_trls_loss(tiny, tmp_path, monkeypatch):
+    """model.liger_kernel on: the run sets SFTConfig(use_liger_kernel=True) and nothing else, so the Trainer
+    applies Liger when training starts with the config TRL set: fused linear cross-entropy off (TRL's own fused
+    LM head computes the loss). Liger's Triton kernels cannot run on a CPU: the application is recorded and the
+    run stopped there; what the kernels do on a GPU is not checked here."""
+    import transformers.trainer
+
+    import trainer.train as train_mod
+
+    class Applied(Exception):
+        pass
+
+    def record(model, config):
+        raise Applied(model, config)
+
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", record)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "out", training={"max_steps": 1}))
+    r = train_mod.resolve(recipe)
+    r.liger = True
+    with pytest.raises(Applied) as got:
+        train(recipe, resolved=r)
+    model, config = got.value.args
+    assert config == {"fused_linear_cross_entropy": False}
+    assert type(model).__name__ == "PeftModelForCausalLM"  # the trained model, LoRA attached
+    # and the loaded base model was left alone until then: no Liger module anywhere
+    assert not any("Liger" in type(m).__name__ for m in model.modules())

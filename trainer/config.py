@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -51,8 +53,8 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "auto"
     """auto: flash_attention_2 when installed and on a GPU, else sdpa."""
     liger_kernel: bool | Literal["auto"] = "auto"
-    """Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy). auto: on a CUDA GPU
-    when liger-kernel is installed."""
+    """Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE), through TRL's use_liger_kernel; the loss stays TRL's
+    own (TRL turns Liger's fused linear cross-entropy off). auto: on a CUDA GPU when liger-kernel is installed."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -389,14 +391,38 @@ def field_map(d: DataConfig) -> dict[str, str]:
     return {**DEFAULT_FIELDS[d.format], **d.fields}
 
 
-SECRET_MARKERS = ("token", "api_key", "secret", "password")
+SECRET_MARKERS = ("token", "api_key", "secret", "password", "passwd", "credential")
+"""A recipe key containing one of these holds a secret: its value is never written or printed."""
+SECRET_ENV_SUFFIXES = ("TOKEN", "_KEY", "SECRET", "PASSWORD")
+"""Environment variables whose name ends so (HF_TOKEN, WANDB_API_KEY, HUGGING_FACE_HUB_TOKEN, AWS_SECRET_ACCESS_KEY,
+...) hold secrets: their values are redacted wherever they appear in a recipe, a log line or a printed command."""
+HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{16,}")
+"""A Hugging Face access token, wherever it comes from."""
+REDACTED = "***"
 
 
-def redacted(obj: Any) -> Any:
-    """A copy of a plain dict/list tree with values of secret-looking keys replaced."""
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The values (8 characters or more) of this environment's secret variables, longest first."""
+    env = os.environ if environ is None else environ
+    found = {v for k, v in env.items() if k.upper().endswith(SECRET_ENV_SUFFIXES) and len(v) >= 8}
+    return sorted(found, key=len, reverse=True)
+
+
+def redact_text(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """text with every secret environment value and every Hugging Face token replaced by ***."""
+    for value in secret_values(environ):
+        text = text.replace(value, REDACTED)
+    return HF_TOKEN_PATTERN.sub(REDACTED, text)
+
+
+def redacted(obj: Any, environ: Mapping[str, str] | None = None) -> Any:
+    """A copy of a plain dict/list tree safe to write or print: values of secret-looking keys (token, api_key,
+    password, ...) replaced by ***, and secret environment values or Hugging Face tokens inside any string."""
     if isinstance(obj, dict):
-        return {k: "***" if any(m in str(k).lower() for m in SECRET_MARKERS) and v else redacted(v)
+        return {k: REDACTED if any(m in str(k).lower() for m in SECRET_MARKERS) and v else redacted(v, environ)
                 for k, v in obj.items()}
     if isinstance(obj, list):
-        return [redacted(v) for v in obj]
+        return [redacted(v, environ) for v in obj]
+    if isinstance(obj, str):
+        return redact_text(obj, environ)
     return obj

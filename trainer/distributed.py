@@ -2,15 +2,25 @@
 loading, the training arguments and saving. The one place where DDP / ZeRO-2 / ZeRO-3 / FSDP2 differ.
 
     resolve(hw, recipe, precision)   before the model loads: what `accelerate launch` asked for (accelerate's
-                                     own plugins read its launch variables), the process group, and the load
-                                     settings (device_map, bnb_4bit_quant_storage, checkpoint reentrancy)
+                                     own plugins read its launch variables), the process group (created here,
+                                     with training.ddp_timeout), and the load settings (device_map,
+                                     bnb_4bit_quant_storage, checkpoint reentrancy)
     prepare_trainer(trainer, s)      after the Trainer is built: accelerate's state must match (FSDP2 on CPU
                                      is forced here: accelerate 1.15 only enables FSDP on GPUs)
     rank_report(trainer, s, out)     after training: what each rank really ran (ZeRO stage of the engine,
-                                     sharded DTensor parameters) and a hash of the full adapter it holds
+                                     sharded DTensor parameters), and, only with SCALESFT_RANK_REPORT=1 (the
+                                     multi-process tests set it), a hash of the full adapter it holds
 
-CPU paths (FACTS.md): DDP and FSDP2 use a gloo process group from use_cpu; DeepSpeed needs
-ddp_backend="gloo" and neither use_cpu nor deepspeed= in the training arguments.
+CPU paths (the ones that really start N synchronised processes with accelerate 1.15 / DeepSpeed 0.19, as
+tests/test_distributed_launch.py checks): DDP and FSDP2 use a gloo process group from use_cpu; DeepSpeed needs
+ddp_backend="gloo" and neither use_cpu nor deepspeed= in the training arguments (with cpu=True accelerate's
+PartialState never takes its DeepSpeed branch; the plugin comes from the launcher's variables instead).
+
+The process group is created once, here, before the training arguments exist: the Trainer's own
+`ddp_timeout` would come too late (accelerate keeps the first group), so resolve() passes the recipe's
+training.ddp_timeout to accelerate's PartialState, which hands it to torch's init_process_group (DDP, FSDP2)
+or to deepspeed.comm.init_distributed (ZeRO-2/3). A collective that waits longer fails on that rank;
+collective_timeout_line() turns that error into one line.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +53,7 @@ class Strategy:
     zero_stage: int | None = None
     fsdp_version: int | None = None
     reentrant: bool = False
-    """Activation checkpointing reentrancy: reentrant under ZeRO-3 (transformers forces it for PEFT models),
+    """Activation checkpointing reentrancy: reentrant under ZeRO-3 (TRL's SFTTrainer forces it for PEFT models),
     non-reentrant everywhere else (DDP would otherwise see parameters marked ready twice)."""
     args: dict[str, Any] = field(default_factory=dict)
     """Extra SFTConfig arguments this strategy needs."""
@@ -77,6 +88,31 @@ def launched() -> tuple[str, int | None, int | None]:
     return "ddp", None, None
 
 
+def process_group_timeout(seconds: int):
+    """training.ddp_timeout as the timedelta init_process_group / deepspeed.comm.init_distributed take."""
+    from datetime import timedelta
+
+    if seconds < 1:
+        raise RecipeError(f"training.ddp_timeout must be >= 1 second, got {seconds}")
+    return timedelta(seconds=seconds)
+
+
+_TIMEOUT_TEXT = re.compile(r"timed out|timeout|watchdog", re.IGNORECASE)
+
+
+def collective_timeout_line(error: BaseException, ddp_timeout: int) -> str | None:
+    """One line for an error raised by a collective that waited past training.ddp_timeout (gloo raises a
+    RuntimeError "Timed out waiting Nms for recv operation"; NCCL a DistBackendError from its watchdog), naming
+    this rank and the timeout; None for any other error. Only meaningful in a multi-process run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2 or not isinstance(error, RuntimeError) or not _TIMEOUT_TEXT.search(str(error)):
+        return None
+    rank = int(os.environ.get("RANK", "0"))
+    others = ", ".join(str(r) for r in range(world) if r != rank)
+    return (f"rank {rank} of {world}: a collective waited longer than training.ddp_timeout={ddp_timeout} s for the "
+            f"other rank(s) ({others}): one of them hung or died; its own log shows where it stopped")
+
+
 def resolve(hw: Hardware, recipe, precision: str) -> Strategy:
     """Initialise the process group the way this strategy needs it and decide the load settings.
     Raises RecipeError for combinations known not to work, before any model loads."""
@@ -92,18 +128,21 @@ def resolve(hw: Hardware, recipe, precision: str) -> Strategy:
         raise RecipeError(str(e)) from None
 
     args: dict[str, Any] = {}
+    timeout = process_group_timeout(t.ddp_timeout)
     if stage is not None:
-        # DeepSpeed: its own engine and process group; on CPU it needs gloo named and use_cpu off (FACTS.md).
-        state = PartialState(cpu=False, backend=None if hw.cuda else "gloo")
+        # DeepSpeed: its own engine and process group (deepspeed.comm.init_distributed gets the timeout); on CPU
+        # it needs gloo named and use_cpu off (use_cpu would make accelerate skip the DeepSpeed engine).
+        state = PartialState(cpu=False, backend=None if hw.cuda else "gloo", timeout=timeout)
         if not hw.cuda:
             args["ddp_backend"] = "gloo"
         args["use_cpu"] = False
     else:
-        state = PartialState(cpu=not hw.cuda)
+        state = PartialState(cpu=not hw.cuda, timeout=timeout)
         args["use_cpu"] = not hw.cuda
     world, rank, local = state.num_processes, state.process_index, state.local_process_index
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != launched_world:  # FACTS.md: a wrong CPU path trains N unsynchronised copies at world size 1
+    # Processes that did not join one group each see a world of 1: they would train N unsynchronised copies.
+    if world != launched_world:
         raise RecipeError(f"{launched_world} processes were launched but accelerate set up a world of {world} "
                           f"({state.distributed_type}): launch with `scalesft train --gpus N --strategy S`, "
                           "which sets the variables this machine needs")
@@ -194,10 +233,17 @@ def full_adapter(trainer) -> dict[str, Any]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone().cpu() for n, p in named}
 
 
+RANK_REPORT_ENV = "SCALESFT_RANK_REPORT"
+"""Set to 1 (the multi-process tests do) to add the digest of the full adapter to every rank's report: a
+collective that gathers the whole adapter in fp32 on every rank and hashes it (~670 MB per rank for r64 on an
+8B model), so it is off in normal runs. Every rank must see the same value (the launcher passes it to all)."""
+
+
 def rank_report(trainer, s: Strategy, out: Path) -> dict[str, Any]:
     """What this rank really ran, written to out/ranks/rank-{rank}.json: accelerate's distributed type, the
     DeepSpeed engine's ZeRO stage, how many parameters are FSDP DTensors and how many are actually sharded
-    (local shard smaller than the whole), and the digest of the full adapter this rank holds."""
+    (local shard smaller than the whole). With SCALESFT_RANK_REPORT=1 also `adapter_digest`, the digest of the
+    full adapter this rank holds (gathered: a collective on every rank); otherwise that key is absent."""
     from torch.distributed.tensor import DTensor
 
     state = trainer.accelerator.state
@@ -217,8 +263,9 @@ def rank_report(trainer, s: Strategy, out: Path) -> dict[str, Any]:
         "params4bit": sum(1 for _, p in params if type(p).__name__ == "Params4bit"),
         "quant_storage": s.quant_storage,
         "reentrant_checkpointing": s.reentrant,
-        "adapter_digest": adapter_digest(full_adapter(trainer)),
     }
+    if os.environ.get(RANK_REPORT_ENV) == "1":
+        report["adapter_digest"] = adapter_digest(full_adapter(trainer))
     path = out / "ranks" / f"rank-{s.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))

@@ -7,7 +7,8 @@ Causal attention (QK^T and AV) costs 4*d*L*(L+1)/2 per layer per sequence of len
 backward. Activation recomputation adds one more forward of the decoder layers (not of the LM head).
 
 MFU counts model FLOPs (no recomputation) over the chip's dense bf16 peak; HFU would count the recompute.
-For the Llama-3.1-8B shape this is ~30 GFLOP per token (FACTS.md: 2 x 2 x 7.5 B linear params).
+For the Llama-3.1-8B shape this is ~30 GFLOP per token: 2 FLOPs per multiply-add x 2 (forward, input gradient)
+x ~7.5 B parameters in linear layers (tests/test_bench_memory.py::test_lora_flops_llama8b).
 """
 
 from __future__ import annotations

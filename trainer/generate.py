@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Recipe, load_recipe
+from .config import Recipe, RecipeError, load_recipe
 
 
 def answers(model, tokenizer, recipe: Recipe, questions: list[str], max_new_tokens: int = 48) -> list[str]:
@@ -55,9 +55,14 @@ def _streamer(tokenizer):
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def load_trained(output_dir: str | Path, *, dtype: str | None = None, merged: bool = False):
+def load_trained(output_dir: str | Path, *, dtype: str | None = None, merged: bool = False,
+                 trust_remote_code: bool = False):
     """(model, tokenizer, recipe) from a finished run's output_dir: the base model (unquantized, 16-bit on a GPU,
-    fp32 on CPU unless dtype says otherwise) with the adapter attached, or merged into it."""
+    fp32 on CPU unless dtype says otherwise) with the adapter attached, or merged into it.
+
+    An output folder is data, maybe someone else's: its recipe.yaml asking for model.trust_remote_code is not
+    enough to run the model repository's code. The caller must pass trust_remote_code=True too (the CLI's
+    --trust-remote-code); otherwise RecipeError."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -69,6 +74,9 @@ def load_trained(output_dir: str | Path, *, dtype: str | None = None, merged: bo
     out = Path(output_dir)
     kind = folder_kind(out)
     recipe = load_recipe(out / "recipe.yaml")
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        raise RecipeError(f"{out / 'recipe.yaml'} sets model.trust_remote_code: true, which runs code from the model "
+                          f"repository '{recipe.model.name_or_path}': pass --trust-remote-code if you trust it")
     if dtype is None:
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if torch.cuda.is_available() else "float32"
     merged_folder = kind == "merged"
@@ -103,9 +111,10 @@ def folder_kind(out: Path) -> str:
                       f"`scalesft train {out / 'recipe.yaml'}` to finish it, or give a finished output_dir")
 
 
-def merge(output_dir: str | Path, merged_dir: str | Path, dtype: str = "bfloat16") -> Path:
+def merge(output_dir: str | Path, merged_dir: str | Path, dtype: str = "bfloat16",
+          trust_remote_code: bool = False) -> Path:
     """Write base + adapter merged into one 16-bit model (the base reloaded unquantized, merge_and_unload)."""
-    model, tokenizer, _ = load_trained(output_dir, dtype=dtype, merged=True)
+    model, tokenizer, _ = load_trained(output_dir, dtype=dtype, merged=True, trust_remote_code=trust_remote_code)
     merged_dir = Path(merged_dir)
     model.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)

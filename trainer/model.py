@@ -141,8 +141,9 @@ def register_varlen_attention() -> str:
     return VARLEN_ATTN
 
 
-def load_model(cfg: ModelConfig, q: QuantizationConfig, *, dtype: str, attn: str, strategy: Strategy,
-               liger: bool = False):
+def load_model(cfg: ModelConfig, q: QuantizationConfig, *, dtype: str, attn: str, strategy: Strategy):
+    """The base model as from_pretrained loads it for this strategy. Liger is not applied here: the Trainer
+    applies it when training starts (SFTConfig use_liger_kernel, trainer/train.py), with TRL's loss path."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -159,10 +160,6 @@ def load_model(cfg: ModelConfig, q: QuantizationConfig, *, dtype: str, attn: str
     model.config.use_cache = False  # no KV cache in training (and it conflicts with checkpointing)
     if q.bits == 4:
         keep_trainable_4bit_layout(model)
-    if liger:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model)
     return model
 
 
@@ -217,8 +214,11 @@ def _fused_lora_forward(self, x, *args, **kwargs):
 
 def fuse_lora(model, strategy_name: str = "single") -> int:
     """Use _fused_lora_forward on every peft LoRA linear of `model`; return how many. Not under ZeRO-3 / FSDP2,
-    whose hooks gather lora_B's weight only when lora_B itself is called."""
+    whose hooks gather lora_B's weight only when lora_B itself is called, and not on layers with LoRA dropout
+    (the fused add has no dropout): those keep peft's own forward."""
     import types
+
+    import torch
 
     if strategy_name not in ("single", "ddp", "zero2"):
         return 0
@@ -229,7 +229,8 @@ def fuse_lora(model, strategy_name: str = "single") -> int:
     n = 0
     for m in model.modules():
         if isinstance(m, LoraLayer) and hasattr(m, "lora_A") and hasattr(m, "base_layer") \
-                and m.base_layer.__class__.__name__ in ("Linear", "Linear4bit", "Linear8bitLt"):
+                and m.base_layer.__class__.__name__ in ("Linear", "Linear4bit", "Linear8bitLt") \
+                and all(isinstance(d, torch.nn.Identity) for d in getattr(m, "lora_dropout", {}).values()):
             m.forward = types.MethodType(_fused_lora_forward, m)
             n += 1
     return n

@@ -113,6 +113,9 @@ def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
         packing_strategy="bfd",
         dataset_num_proc=None,
         remove_unused_columns=True,
+        # Liger's RMSNorm/SwiGLU/RoPE kernels through TRL's public switch, applied when training starts; TRL turns
+        # Liger's fused cross-entropy off (it would replace the forward TRL patches with its own fused LM head)
+        use_liger_kernel=r.liger,
         **r.strategy.args,
     )
 
@@ -189,7 +192,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
 
     args = sft_config(recipe, r, has_eval=eval_dataset is not None)
     model = load_model(recipe.model, recipe.quantization, dtype=r.compute_dtype, attn=r.attn_implementation,
-                       strategy=s, liger=r.liger)
+                       strategy=s)
     samples = recipe.training.sample_prompts
     before = generate.answers(model, tokenizer, recipe, samples) if samples and is_main else []
 
@@ -218,7 +221,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         _finish_wandb(recipe)
         return {"preempted": True, "global_step": trainer.state.global_step, "resumed_from": resume}
     trainer.save_model(str(out))
-    distributed.rank_report(trainer, s, out)  # every rank: what really ran + a digest of its full adapter
+    distributed.rank_report(trainer, s, out)  # every rank: what really ran (+ adapter digest if SCALESFT_RANK_REPORT=1)
 
     result = metrics.summarize(trainer, throughput, trainer.loss_tokens, {
         "gradient_accumulation_steps": b.gradient_accumulation_steps,
@@ -293,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     quiet()
+    recipe = None
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         train(recipe)
@@ -300,6 +304,17 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"scalesft: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:  # a collective past training.ddp_timeout: the traceback, then one line naming it
+        from .distributed import collective_timeout_line
+
+        line = collective_timeout_line(e, recipe.training.ddp_timeout) if recipe else None
+        if line is None:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"scalesft: error: {line}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -9,7 +9,7 @@
 # DIR defaults to $SCALESFT_SLURM_DIR or /tmp/scalesft-slurm. Ports: $SCALESFT_SLURM_PORT (slurmctld;
 # default 16817) and the two following ports for the slurmd of n1 and n2.
 #
-# Settings that matter (see ../../../shared/FACTS.md, "A real Slurm cluster on this one machine"):
+# Settings that matter (measured on this one-host cluster):
 #   MinJobAge=5                 finished jobs leave the queue fast (else `sbatch --wait` backs off to 32 s)
 #   cred_expire=5               a requeued job restarts after ~7 s (measured; 10 gives ~11 s, default ~180 s)
 #   sched_interval=2            the main scheduler runs every 2 s

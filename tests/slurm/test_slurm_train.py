@@ -6,7 +6,6 @@ Figures are printed (run with -s to see them) and appended to $SCALESFT_SLURM_FI
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -34,9 +33,9 @@ def figure(line: str) -> None:
 
 
 def logged_steps(log_text: str) -> list[tuple[str, str, str]]:
-    """(epoch, loss, learning rate) of every per-step log line rank 0 printed ({'loss': ...}), in order."""
-    rows = [ast.literal_eval(m) for m in re.findall(r"\{'loss': [^{}]*\}", log_text)]
-    return [(r["epoch"], r["loss"], r["learning_rate"]) for r in rows]
+    """(step, loss, learning rate) of every per-step line rank 0 printed (trainer/console.py step_line:
+    `[scalesft] step 5/30 · loss 6.1234 · lr 2.00e-04 · ...`), in order."""
+    return re.findall(r"\[scalesft\] step +(\d+)/\d+ · loss (\S+) · lr (\S+)", log_text)
 
 
 @pytest.fixture(scope="module")

@@ -163,3 +163,66 @@ def plan_memory(recipe, *, strategy: str, world_size: int, precision: str) -> di
     return {"peak_gib_checkpointing": round(on.total / GiB, 1), "peak_gib_no_checkpointing": round(off.total / GiB, 1),
             "recipe_checkpointing": t.gradient_checkpointing,
             "breakdown_gib": (on if t.gradient_checkpointing else off).gib()}
+
+
+# ---------------------------------------------------------------- micro_batch_size: auto
+
+HEADROOM = 0.85
+"""Fraction of the GPU's memory the plan fills: the CUDA context, NCCL buffers and allocator fragmentation
+(what max_memory_allocated does not see) take the rest."""
+TOKEN_CAP = 16384
+"""The most tokens auto puts in one micro-step (16 rows of 1024, the bench's fastest micro batch): beyond it a
+GPU gains little and memory goes to activations that nothing needs."""
+CPU_TOKENS = 4096
+"""Tokens per micro-step on CPU (and where the model's shape is unknown): plenty of memory, slow compute."""
+DEFAULT_GPU_GIB = 80.0
+"""The GPU memory `scalesft plan` assumes where it cannot see the GPU (an H100 / A100 80 GB)."""
+
+
+def tokens_that_fit(shape: Shape, gpu_gib: float, **kw: Any) -> int:
+    """The most tokens one micro-step may hold so that the predicted peak stays under HEADROOM x gpu_gib."""
+    fixed = estimate(shape, micro_batch=0, seq_len=1, **kw).total
+    per_token = estimate(shape, micro_batch=1, seq_len=1, **kw).total - fixed
+    return max(0, int((gpu_gib * HEADROOM * GiB - fixed) // per_token))
+
+
+def choose_batching(recipe, *, strategy: str, world_size: int, precision: str, gpu_gib: float | None = None):
+    """The micro-batch of one world size: the recipe's integer micro_batch_size as it is, or (auto) a row count
+    (padded/packed data) or a token budget (padding-free data) sized by the memory model. Raises BatchError."""
+    from launch.batch import (BatchError, Batching, check_token_budget, max_token_accumulation, plan_auto_rows,
+                              plan_batch)
+
+    t, d = recipe.training, recipe.data
+    G, L = t.global_batch_size, d.max_seq_length
+    if t.micro_batch_size != "auto":
+        return Batching(global_batch_size=G, world_size=world_size,
+                        rows=plan_batch(G, t.micro_batch_size, world_size))
+    if t.micro_batch_tokens != "auto":
+        budget = t.micro_batch_tokens
+        check_token_budget(budget, L)
+    elif precision == "fp32":  # CPU (or an fp32 GPU run): memory is not the limit
+        budget = max(CPU_TOKENS, 2 * L)
+    else:
+        shape = model_shape(recipe.model.name_or_path)
+        if shape is None:
+            budget = max(CPU_TOKENS, 2 * L)
+        else:
+            q, lo = recipe.quantization, recipe.lora
+            fit = tokens_that_fit(shape, gpu_gib or DEFAULT_GPU_GIB, bits=q.bits, lora_r=lo.r,
+                                  lora_targets=lo.target_modules, double_quant=q.double_quant,
+                                  liger=recipe.model.liger_kernel is not False, lora_dropout=lo.dropout,
+                                  optim=t.optim, strategy=strategy, world_size=world_size,
+                                  checkpointing=t.gradient_checkpointing)
+            if fit < L:
+                raise BatchError(f"one row of data.max_seq_length={L} tokens does not fit: the memory model "
+                                 f"(launch/memory.py) leaves room for {fit} tokens per micro-step on "
+                                 f"{gpu_gib or DEFAULT_GPU_GIB:g} GiB; lower data.max_seq_length, turn on "
+                                 "training.gradient_checkpointing, or shard the weights (--strategy zero3)")
+            budget = min(fit, max(TOKEN_CAP, 2 * L))
+            if budget > 2 * L:
+                budget = max(2 * L, budget // 256 * 256)
+    if d.padding_free and not d.packing:
+        return Batching(global_batch_size=G, world_size=world_size, micro_batch_tokens=budget, auto=True,
+                        max_accumulation=max_token_accumulation(G, world_size, budget, L))
+    return Batching(global_batch_size=G, world_size=world_size, micro_batch_tokens=budget, auto=True,
+                    rows=plan_auto_rows(G, world_size, budget // L))

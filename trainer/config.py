@@ -121,8 +121,15 @@ class TrainingConfig:
     output_dir: str
     global_batch_size: int = 32
     """Sequences per optimizer step, over all GPUs. Gradient accumulation is derived per world size."""
-    micro_batch_size: int = 4
-    """Sequences per GPU per forward/backward."""
+    micro_batch_size: int | Literal["auto"] = "auto"
+    """Sequences per GPU per forward/backward. auto: the planner chooses per world size and GPU memory: on
+    padding-free data micro-batches sized by tokens (training.micro_batch_tokens; short rows grouped, long rows
+    not over-packed, the accumulation fixed up front from the data's lengths), else the largest row count that
+    divides global / world and fits. An integer: exactly that many rows, accumulation = global / (micro x world).
+    Either way the loss is normalised over the whole global batch."""
+    micro_batch_tokens: int | Literal["auto"] = "auto"
+    """With micro_batch_size auto: the most tokens one micro-batch holds on one GPU (>= data.max_seq_length).
+    auto: from launch/memory.py's model of the recipe on the GPU's memory (capped at 16384), 4096 on CPU."""
     num_train_epochs: float = 1.0
     max_steps: int = -1
     """Optimizer steps; overrides num_train_epochs when > 0."""
@@ -342,9 +349,15 @@ def validate(r: Recipe) -> None:
     t, d, lo = r.training, r.data, r.lora
     checks = [
         (t.global_batch_size >= 1, "training.global_batch_size must be >= 1"),
-        (t.micro_batch_size >= 1, "training.micro_batch_size must be >= 1"),
-        (t.micro_batch_size <= t.global_batch_size,
+        (t.micro_batch_size == "auto" or t.micro_batch_size >= 1, "training.micro_batch_size must be >= 1"),
+        (t.micro_batch_size == "auto" or t.micro_batch_size <= t.global_batch_size,
          f"training.micro_batch_size ({t.micro_batch_size}) exceeds global_batch_size ({t.global_batch_size})"),
+        (t.micro_batch_tokens == "auto" or t.micro_batch_size == "auto",
+         f"training.micro_batch_tokens applies to training.micro_batch_size: auto, not {t.micro_batch_size}: "
+         "remove one of them"),
+        (t.micro_batch_tokens == "auto" or t.micro_batch_tokens >= d.max_seq_length,
+         f"training.micro_batch_tokens={t.micro_batch_tokens} is below data.max_seq_length={d.max_seq_length}: "
+         "one row must fit one micro-batch"),
         (t.learning_rate > 0, "training.learning_rate must be > 0"),
         (t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}: use 0 for no warmup"),
         (0 <= t.warmup_ratio < 1, f"training.warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),

@@ -72,29 +72,38 @@ def _targets(targets: Iterable[str] | str) -> tuple[str, ...]:
     return PROJECTIONS if targets in ("all-linear", None) else tuple(targets)
 
 
+def train_flops_terms(shape: Shape, *, lora_r: int | None, lora_targets: Iterable[str] | str = PROJECTIONS,
+                      recompute: bool = False) -> tuple[float, float]:
+    """(FLOPs per token, FLOPs per causal attention pair) of one forward+backward: a batch of sequences of
+    lengths L_i costs per_token x sum(L_i) + per_pair x sum(L_i (L_i + 1) / 2). The trainer counts both sums
+    on the device (trainer/metrics.py count_tokens), so the MFU it logs covers every processed token at its
+    real sequence length."""
+    n_lin = shape.linear_params()
+    d_attn = shape.num_attention_heads * (shape.head_dim or shape.hidden_size // shape.num_attention_heads)
+    head = shape.hidden_size * shape.vocab_size
+    if lora_r is None:
+        per_token = 6 * n_lin
+        fwd_layers = 2 * (n_lin - head)
+    else:
+        p_lora = shape.lora_params(lora_r, _targets(lora_targets))
+        per_token = 2 * (n_lin + p_lora) + 2 * n_lin + 4 * p_lora
+        fwd_layers = 2 * (n_lin - head + p_lora)
+    attn_fwd = 4 * d_attn * shape.num_hidden_layers  # QK^T and AV over one causal pair, every layer
+    per_pair = 3 * attn_fwd
+    if recompute:
+        per_token += fwd_layers
+        per_pair += attn_fwd
+    return float(per_token), float(per_pair)
+
+
 def train_flops(shape: Shape, seq_lens: Iterable[int], *, lora_r: int | None,
                 lora_targets: Iterable[str] | str = PROJECTIONS, recompute: bool = False) -> float:
     """FLOPs of one forward+backward over sequences of the given (unpadded) lengths.
 
     lora_r None means full fine-tuning (weight gradients of every linear: 6 FLOPs/param/token)."""
     lens = list(seq_lens)
-    tokens = sum(lens)
-    n_lin = shape.linear_params()
-    d_attn = shape.num_attention_heads * (shape.head_dim or shape.hidden_size // shape.num_attention_heads)
-    attn_fwd = sum(4 * d_attn * L * (L + 1) // 2 for L in lens) * shape.num_hidden_layers
-    head = shape.hidden_size * shape.vocab_size
-    if lora_r is None:
-        fwd_lin, bwd_lin = 2 * n_lin * tokens, 4 * n_lin * tokens
-        fwd_layers = 2 * (n_lin - head) * tokens
-    else:
-        p_lora = shape.lora_params(lora_r, _targets(lora_targets))
-        fwd_lin = 2 * (n_lin + p_lora) * tokens
-        bwd_lin = (2 * n_lin + 4 * p_lora) * tokens
-        fwd_layers = 2 * (n_lin - head + p_lora) * tokens
-    total = fwd_lin + bwd_lin + 3 * attn_fwd
-    if recompute:
-        total += fwd_layers + attn_fwd
-    return float(total)
+    per_token, per_pair = train_flops_terms(shape, lora_r=lora_r, lora_targets=lora_targets, recompute=recompute)
+    return float(per_token * sum(lens) + per_pair * sum(L * (L + 1) // 2 for L in lens))
 
 
 def mfu(flops: float, seconds: float, device_name: str, world_size: int = 1) -> float | None:

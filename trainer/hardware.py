@@ -21,6 +21,8 @@ class Hardware:
     flash_attn: bool = False
     liger: bool = False
     bitsandbytes: bool = False
+    gpu_memory_gib: float | None = None
+    """Memory of this process's GPU (what micro_batch_size auto plans for); None on CPU."""
 
 
 def detect() -> Hardware:
@@ -34,6 +36,8 @@ def detect() -> Hardware:
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         liger=importlib.util.find_spec("liger_kernel") is not None,
         bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+        gpu_memory_gib=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        if cuda else None,
     )
 
 

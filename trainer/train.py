@@ -32,11 +32,16 @@ class Resolved:
     liger: bool
     strategy: Any
     batch: Any
+    """launch.batch.BatchPlan (rows per micro-batch) or, for token micro-batches, launch.batch.TokenPlan once the
+    data's lengths are known (None before)."""
+    batching: Any = None
+    """launch.batch.Batching: what micro_batch_size (auto or an integer) means at this world size."""
 
 
 def resolve(recipe: Recipe, hw=None, strategy=None) -> Resolved:
     """Hardware-, strategy- and batch-dependent choices. Initialises the process group; loads nothing."""
-    from launch.batch import BatchError, plan_batch
+    from launch.batch import BatchError
+    from launch.memory import choose_batching
 
     from . import distributed, hardware
 
@@ -47,11 +52,12 @@ def resolve(recipe: Recipe, hw=None, strategy=None) -> Resolved:
     liger = hardware.use_liger(recipe.model.liger_kernel, hw)
     strategy = strategy or distributed.resolve(hw, recipe, prec)
     try:
-        batch = plan_batch(recipe.training.global_batch_size, recipe.training.micro_batch_size, strategy.world_size)
+        batching = choose_batching(recipe, strategy=strategy.name, world_size=strategy.world_size, precision=prec,
+                                   gpu_gib=hw.gpu_memory_gib)
     except BatchError as e:
         raise RecipeError(str(e)) from None
     return Resolved(precision=prec, compute_dtype=hardware.torch_dtype_name(prec), attn_implementation=attn,
-                    liger=liger, strategy=strategy, batch=batch)
+                    liger=liger, strategy=strategy, batch=batching.rows, batching=batching)
 
 
 def load_data(recipe: Recipe, tokenizer, is_main: bool):
@@ -78,7 +84,8 @@ def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
     return SFTConfig(
         output_dir=t.output_dir,
         per_device_train_batch_size=r.batch.micro_batch_size,
-        per_device_eval_batch_size=r.batch.micro_batch_size,
+        per_device_eval_batch_size=(r.batch.micro_batch_size if not r.batching.by_tokens else
+                                    max(1, r.batching.micro_batch_tokens // d.max_seq_length)),
         gradient_accumulation_steps=r.batch.gradient_accumulation_steps,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -185,8 +192,22 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
             env = wandb_environment(recipe, out)
             os.environ.update(env)
             print(f"[scalesft] wandb run id {env['WANDB_RUN_ID']} (resume=allow)", flush=True)
+    if r.batching.by_tokens:  # micro-batches of at most micro_batch_tokens: the accumulation follows the lengths
+        from launch.batch import BatchError
+
+        from .batching import plan_run, row_lengths
+
+        lengths = row_lengths(train_dataset)
+        t = recipe.training
+        try:
+            r.batch = plan_run(lengths, global_batch_size=t.global_batch_size, world_size=s.world_size,
+                               budget=r.batching.micro_batch_tokens, seed=t.seed, max_steps=t.max_steps,
+                               num_train_epochs=t.num_train_epochs)
+        except BatchError as e:
+            raise RecipeError(str(e)) from None
     b = r.batch
-    print(f"[scalesft] {s.log_line()} micro_batch={b.micro_batch_size} grad_accum={b.gradient_accumulation_steps} "
+    micro = f"micro_batch_tokens={b.micro_batch_tokens}" if r.batching.by_tokens else f"micro_batch={b.micro_batch_size}"
+    print(f"[scalesft] {s.log_line()} {micro} grad_accum={b.gradient_accumulation_steps} "
           f"global_batch={b.global_batch_size} precision={r.precision} quant_storage={s.quant_storage} "
           f"attn={r.attn_implementation} liger={r.liger}", flush=True)
 
@@ -203,6 +224,11 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
                                  processing_class=tokenizer, peft_config=peft_config(recipe.lora),
                                  callbacks=[throughput, stopper, *callbacks])
     console.install(trainer)  # one line per logged step instead of a progress bar and dicts
+    if r.batching.by_tokens:
+        from .batching import TokenBatchSampler, trainer_epoch
+
+        trainer.token_batches = TokenBatchSampler(lengths, b, recipe.training.seed,
+                                                  epoch_of=lambda: trainer_epoch(trainer))
     throughput.bind(trainer, recipe)  # token counts, per-log tokens/s, MFU and every rank's peak memory
     fuse_lora(trainer.model, s.name)  # scale+add of each LoRA projection folded into one GEMM (bench/RESULTS.md)
     distributed.prepare_trainer(trainer, s)  # accelerate's state must match the launched strategy
@@ -225,7 +251,8 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
 
     result = metrics.summarize(trainer, throughput, trainer.loss_tokens, {
         "gradient_accumulation_steps": b.gradient_accumulation_steps,
-        "micro_batch_size": b.micro_batch_size,
+        "micro_batch_size": None if r.batching.by_tokens else b.micro_batch_size,
+        "micro_batch_tokens": b.micro_batch_tokens if r.batching.by_tokens else None,
         "global_batch_size": b.global_batch_size,
         "strategy": s.name,
         "precision": r.precision,
@@ -266,13 +293,28 @@ def _counting_trainer():
     from trl import SFTTrainer
 
     class CountingSFTTrainer(SFTTrainer):
-        """SFTTrainer that also counts the tokens that bear loss (non-pad, unmasked, after the shift)."""
+        """SFTTrainer that also counts tokens (trainer/metrics.py: on the device, read at log steps) and, for
+        micro-batches sized by tokens, trains on trainer/batching.py's batch sampler."""
 
-        loss_tokens = 0
+        token_batches = None  # a TokenBatchSampler when micro_batch_size is auto on padding-free data
+        token_counts = None  # device tensor: loss-bearing tokens, processed tokens, causal attention pairs
+
+        @property
+        def loss_tokens(self) -> int:
+            return 0 if self.token_counts is None else int(self.token_counts[0])
+
+        def get_train_dataloader(self):
+            if self.token_batches is None:
+                return super().get_train_dataloader()
+            from .batching import token_dataloader
+
+            return token_dataloader(self, self.token_batches)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
-                self.loss_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+                from .metrics import count_tokens
+
+                self.token_counts = count_tokens(inputs, self.token_counts)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return CountingSFTTrainer

@@ -91,8 +91,7 @@ def nearest_global_batches(global_batch_size: int, multiple: int) -> list[int]:
 def _world_refusal(global_batch_size: int, world_size: int) -> BatchError:
     return BatchError(f"training.global_batch_size={global_batch_size} is smaller than the world size "
                       f"({world_size}): every process needs at least one sequence per optimizer step; use "
-                      f"training.global_batch_size >= {world_size} (nearest: {world_size}) or at most "
-                      f"{global_batch_size} processes")
+                      f"training.global_batch_size >= {world_size} or at most {global_batch_size} processes")
 
 
 def plan_auto_rows(global_batch_size: int, world_size: int, rows_that_fit: int) -> BatchPlan:
@@ -309,6 +308,8 @@ class Batching:
     micro_batch_tokens: int | None = None
     max_accumulation: int | None = None
     auto: bool = False
+    budget_source: str = ""
+    """Where micro_batch_tokens came from (recipe, memory model, CPU default)."""
 
     @property
     def by_tokens(self) -> bool:

@@ -149,19 +149,23 @@ def model_shape(name_or_path: str) -> Shape | None:
         return None
 
 
-def plan_memory(recipe, *, strategy: str, world_size: int, precision: str) -> dict[str, Any] | None:
-    """For `scalesft plan`: predicted peak GiB per GPU with and without checkpointing, or None (shape unknown)."""
+def plan_memory(recipe, *, strategy: str, world_size: int, precision: str,
+                tokens: int | None = None) -> dict[str, Any] | None:
+    """For `scalesft plan`: predicted peak GiB per GPU with and without checkpointing, or None (shape unknown).
+    tokens: the most one micro-step holds (default micro_batch_size x max_seq_length)."""
     shape = model_shape(recipe.model.name_or_path)
     if shape is None or precision == "fp32":
         return None
     q, lo, t, d = recipe.quantization, recipe.lora, recipe.training, recipe.data
-    kw = dict(bits=q.bits, lora_r=lo.r, lora_targets=lo.target_modules, micro_batch=t.micro_batch_size,
-              seq_len=d.max_seq_length, double_quant=q.double_quant, liger=recipe.model.liger_kernel is not False,
+    if tokens is None:
+        tokens = t.micro_batch_size * d.max_seq_length
+    kw = dict(bits=q.bits, lora_r=lo.r, lora_targets=lo.target_modules, micro_batch=1,
+              seq_len=tokens, double_quant=q.double_quant, liger=recipe.model.liger_kernel is not False,
               lora_dropout=lo.dropout, optim=t.optim, strategy=strategy, world_size=world_size)
     on = estimate(shape, checkpointing=True, **kw)
     off = estimate(shape, checkpointing=False, **kw)
     return {"peak_gib_checkpointing": round(on.total / GiB, 1), "peak_gib_no_checkpointing": round(off.total / GiB, 1),
-            "recipe_checkpointing": t.gradient_checkpointing,
+            "recipe_checkpointing": t.gradient_checkpointing, "tokens_per_micro_step": tokens,
             "breakdown_gib": (on if t.gradient_checkpointing else off).gib()}
 
 
@@ -198,15 +202,18 @@ def choose_batching(recipe, *, strategy: str, world_size: int, precision: str, g
         return Batching(global_batch_size=G, world_size=world_size,
                         rows=plan_batch(G, t.micro_batch_size, world_size))
     if t.micro_batch_tokens != "auto":
-        budget = t.micro_batch_tokens
+        budget, source = t.micro_batch_tokens, "training.micro_batch_tokens"
         check_token_budget(budget, L)
     elif precision == "fp32":  # CPU (or an fp32 GPU run): memory is not the limit
-        budget = max(CPU_TOKENS, 2 * L)
+        budget, source = max(CPU_TOKENS, 2 * L), f"the CPU default (max({CPU_TOKENS}, 2 x max_seq_length))"
     else:
         shape = model_shape(recipe.model.name_or_path)
         if shape is None:
             budget = max(CPU_TOKENS, 2 * L)
+            source = (f"a default: the model's config.json is not local, so the memory model cannot size it "
+                      f"(max({CPU_TOKENS}, 2 x max_seq_length); set training.micro_batch_tokens)")
         else:
+            source = f"the memory model (launch/memory.py) on {gpu_gib or DEFAULT_GPU_GIB:g} GiB per GPU"
             q, lo = recipe.quantization, recipe.lora
             fit = tokens_that_fit(shape, gpu_gib or DEFAULT_GPU_GIB, bits=q.bits, lora_r=lo.r,
                                   lora_targets=lo.target_modules, double_quant=q.double_quant,
@@ -223,6 +230,6 @@ def choose_batching(recipe, *, strategy: str, world_size: int, precision: str, g
                 budget = max(2 * L, budget // 256 * 256)
     if d.padding_free and not d.packing:
         return Batching(global_batch_size=G, world_size=world_size, micro_batch_tokens=budget, auto=True,
-                        max_accumulation=max_token_accumulation(G, world_size, budget, L))
+                        max_accumulation=max_token_accumulation(G, world_size, budget, L), budget_source=source)
     return Batching(global_batch_size=G, world_size=world_size, micro_batch_tokens=budget, auto=True,
-                    rows=plan_auto_rows(G, world_size, budget // L))
+                    rows=plan_auto_rows(G, world_size, budget // L), budget_source=source)

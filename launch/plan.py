@@ -2,9 +2,11 @@
 
     scalesft plan RECIPE [section.key=value ...] --nodes 1,2 --gpus-per-node 8 [--strategy zero3] [--json]
 
-For every (nodes x gpus-per-node) asked: micro batch, gradient accumulation, global batch, the most tokens
-one optimizer step can hold, steps per epoch (when the data is a local file), precision, checkpointing,
-the resolved QLoRA load settings and the exact `accelerate launch` command for node 0. Loads no model.
+For every (nodes x gpus-per-node) asked: micro batch (rows, or with micro_batch_size auto on padding-free data a
+token budget per micro-step), gradient accumulation, global batch, the most tokens one optimizer step can hold,
+steps per epoch (when the data is a local file), precision, checkpointing, the resolved QLoRA load settings and
+the exact `accelerate launch` command for node 0. A world size that cannot run the recipe is marked with the
+reason and the nearest valid global batch; the others are still planned. Loads no model.
 """
 
 from __future__ import annotations
@@ -15,17 +17,30 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from launch.batch import plan_batch, repeated_rows_per_epoch, steps_per_epoch
+from launch.batch import BatchError, nearest_global_batches, repeated_rows_per_epoch, steps_per_epoch
+from launch.memory import DEFAULT_GPU_GIB, choose_batching, plan_memory
 from launch.preflight import check_rows, count_rows, train_rows
-from launch.memory import plan_memory
-from launch.render import render_launch
+from launch.render import LaunchError, render_launch
 from launch.strategy import STRATEGIES, checkpointing_label, get_strategy, planned_precision, resolve_qlora
+
+
+def _nearest_global(recipe, world: int) -> list[int]:
+    """The valid global batches nearest to the recipe's at this world size."""
+    t, d = recipe.training, recipe.data
+    if t.micro_batch_size != "auto":
+        return nearest_global_batches(t.global_batch_size, t.micro_batch_size * world)
+    if d.padding_free and not d.packing:  # token micro-batches: any global batch >= world
+        return [max(t.global_batch_size, world)]
+    return nearest_global_batches(max(t.global_batch_size, world), world)
 
 
 def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[int], gpus_per_node: list[int],
                  strategy: str, cpu: bool = False, main_process_ip: str | None = None,
-                 main_process_port: int = 29500, accelerate_config: str | None = None) -> list[dict[str, Any]]:
-    """One dict per world size. Raises BatchError / StrategyError / LaunchError on bad input."""
+                 main_process_port: int = 29500, accelerate_config: str | None = None,
+                 gpu_memory_gib: float | None = None) -> list[dict[str, Any]]:
+    """One dict per world size; a world size that cannot run the recipe gets an entry with "error" (and the
+    nearest valid global batches) instead of stopping the others. Raises StrategyError / LaunchError on
+    input that no world size can fix."""
     spec = get_strategy(strategy)
     t, q = recipe.training, recipe.quantization
     precision = planned_precision(t.precision, cpu)
@@ -34,53 +49,106 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
     rows = count_rows(recipe.data.path)
     n_train = None if rows is None else train_rows(rows, limit=recipe.data.limit,
                                                   eval_fraction=recipe.data.eval_fraction)
+    gpu_gib = None if cpu else (gpu_memory_gib or DEFAULT_GPU_GIB)
+    L = recipe.data.max_seq_length
     entries = []
     for n in nodes:
         for g in gpus_per_node:
             world = n * g
-            batch = plan_batch(t.global_batch_size, t.micro_batch_size, world)
+            head = {"world_size": world, "nodes": n, "gpus_per_node": g, "strategy": strategy}
+            try:
+                batching = choose_batching(recipe, strategy=strategy, world_size=world, precision=precision,
+                                           gpu_gib=gpu_gib)
+                if n_train is not None:
+                    check_rows(n_train, world, where=f"the training set ({recipe.data.path})")
+            except (BatchError, LaunchError) as e:
+                entries.append({**head, "error": str(e), "nearest_global_batch_size": _nearest_global(recipe, world),
+                                "strategy_summary": spec.summary})
+                continue
+            batch = batching.rows
             spe = repeated = None
             if n_train is not None:
-                check_rows(n_train, world, where=f"the training set ({recipe.data.path})")
                 spe = steps_per_epoch(n_train, t.global_batch_size)
-                repeated = repeated_rows_per_epoch(n_train, t.micro_batch_size, world)
+                if batch is not None:
+                    repeated = repeated_rows_per_epoch(n_train, batch.micro_batch_size, world)
+                else:
+                    tail = n_train % t.global_batch_size
+                    repeated = world - tail if 0 < tail < world else 0
             total = t.max_steps if t.max_steps > 0 else (None if spe is None else
                                                          max(1, round(spe * t.num_train_epochs)))
             cmd = render_launch(recipe=recipe_path, overrides=overrides, strategy=strategy, num_processes=world,
                                 num_machines=n, machine_rank=0,
                                 main_process_ip=main_process_ip or ("MAIN_NODE_IP" if n > 1 else None),
                                 main_process_port=main_process_port, cpu=cpu, accelerate_config=accelerate_config)
+            tokens = batching.micro_batch_tokens if batch is None else batch.micro_batch_size * L
             entries.append({
-                "world_size": world, "nodes": n, "gpus_per_node": g, "strategy": strategy,
-                "micro_batch_size": batch.micro_batch_size,
-                "gradient_accumulation_steps": batch.gradient_accumulation_steps,
-                "global_batch_size": batch.global_batch_size,
-                "max_tokens_per_step": batch.global_batch_size * recipe.data.max_seq_length,
+                **head,
+                "batching": "tokens" if batch is None else "rows",
+                "micro_batch_auto": batching.auto,
+                "micro_batch_tokens_from": batching.budget_source or None,
+                "micro_batch_size": None if batch is None else batch.micro_batch_size,
+                "micro_batch_tokens": batching.micro_batch_tokens,
+                "gradient_accumulation_steps": None if batch is None else batch.gradient_accumulation_steps,
+                "max_gradient_accumulation_steps": (batching.max_accumulation if batch is None
+                                                    else batch.gradient_accumulation_steps),
+                "global_batch_size": t.global_batch_size,
+                "max_tokens_per_step": t.global_batch_size * L,
                 "train_rows": n_train, "steps_per_epoch": spe, "repeated_rows_per_epoch": repeated,
                 "optimizer_steps": total,
                 "precision": precision,
+                "gpu_memory_gib": gpu_gib,
                 "gradient_checkpointing": checkpointing_label(qlora.gradient_checkpointing_reentrant),
                 "qlora": {**asdict(qlora), "quant_type": q.quant_type if q.bits == 4 else None,
                           "double_quant": q.double_quant if q.bits == 4 else None},
                 "strategy_summary": spec.summary,
                 "memory": (memory := plan_memory(recipe, strategy=strategy, world_size=world,
-                                                 precision=precision)),
+                                                 precision=precision, tokens=tokens)),
                 "memory_unavailable": None if memory else _no_memory_reason(recipe, precision),
                 "command": cmd.shell(), "argv": cmd.argv, "env": cmd.env,
             })
     return entries
 
 
+def _micro(e: dict[str, Any]) -> str:
+    return f"{e['micro_batch_tokens']} tok" if e["batching"] == "tokens" else str(e["micro_batch_size"])
+
+
+def _accum(e: dict[str, Any]) -> str:
+    return f"<={e['max_gradient_accumulation_steps']}" if e["batching"] == "tokens" else \
+        str(e["gradient_accumulation_steps"])
+
+
 def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
-    e0 = entries[0]
+    ok = [e for e in entries if "error" not in e]
+    e0 = ok[0] if ok else entries[0]
     lines = [f"recipe {recipe_path} · strategy {e0['strategy']}: {e0['strategy_summary']}",
-             f"{'world':>5} {'nodes':>5} {'gpus/node':>9} {'micro':>5} {'accum':>5} {'global':>6} "
+             f"{'world':>5} {'nodes':>5} {'gpus/node':>9} {'micro':>10} {'accum':>5} {'global':>6} "
              f"{'max tokens/step':>15} {'steps/epoch':>11} {'opt steps':>9}"]
     for e in entries:
-        lines.append(f"{e['world_size']:>5} {e['nodes']:>5} {e['gpus_per_node']:>9} {e['micro_batch_size']:>5} "
-                     f"{e['gradient_accumulation_steps']:>5} {e['global_batch_size']:>6} "
+        if "error" in e:
+            lines.append(f"{e['world_size']:>5} {e['nodes']:>5} {e['gpus_per_node']:>9} cannot run: see below")
+            continue
+        lines.append(f"{e['world_size']:>5} {e['nodes']:>5} {e['gpus_per_node']:>9} {_micro(e):>10} "
+                     f"{_accum(e):>5} {e['global_batch_size']:>6} "
                      f"{e['max_tokens_per_step']:>15} {_dash(e['steps_per_epoch']):>11} "
                      f"{_dash(e['optimizer_steps']):>9}")
+    for e in entries:
+        if "error" in e:
+            near = " or ".join(str(g) for g in e["nearest_global_batch_size"])
+            lines.append(f"world size {e['world_size']} cannot run: {e['error']} (nearest valid global batch at "
+                         f"this world size: {near})")
+    if not ok:
+        return "\n".join(lines)
+    if any(e["batching"] == "tokens" for e in ok):
+        src = next(e for e in ok if e["batching"] == "tokens")["micro_batch_tokens_from"]
+        lines.append("micro batch: auto, sized by tokens (padding-free rows): each GPU's share of a step is split "
+                     "into micro-batches of at most that many tokens; the trainer fixes the accumulation (at most "
+                     f"the accum shown: every row max_seq_length long) from the data's lengths at start; budget "
+                     f"from {src}")
+    elif any(e["micro_batch_auto"] for e in ok):
+        src = next(e for e in ok if e["micro_batch_auto"])["micro_batch_tokens_from"]
+        lines.append("micro batch: auto, the largest row count that divides global / world and whose rows fit the "
+                     f"token budget of {src} (padded or packed rows)")
     q = e0["qlora"]
     lines.append(f"precision {e0['precision']} · gradient checkpointing {e0['gradient_checkpointing']}")
     if q["bits"] is None:
@@ -92,11 +160,11 @@ def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
                      f"device_map {placement}")
     if e0["train_rows"] is None:
         lines.append("steps per epoch: unknown until the data loads (not a local file)")
-    for e in entries:
+    for e in ok:
         if e["repeated_rows_per_epoch"]:
             lines.append(f"world size {e['world_size']}: {e['train_rows']} rows do not fill whole micro batches on "
                          f"every rank; each epoch repeats {e['repeated_rows_per_epoch']} rows at its end")
-    for e in entries:
+    for e in ok:
         m = e.get("memory")
         if m:
             ck = "on" if m["recipe_checkpointing"] else "off"
@@ -105,7 +173,7 @@ def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
                          f"{m['peak_gib_no_checkpointing']} GiB without (recipe: {ck}; launch/memory.py)")
     if e0.get("memory_unavailable"):
         lines.append(f"predicted peak memory: {e0['memory_unavailable']}")
-    for e in entries:
+    for e in ok:
         lines.append(f"command (node 0 of {e['nodes']}, world size {e['world_size']}):")
         lines.append(f"  {e['command']}")
     return "\n".join(lines)
@@ -143,6 +211,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="plan CPU processes (gloo, fp32) instead of GPUs")
     p.add_argument("--accelerate-config", default=None, help="use this accelerate config instead of the shipped one")
     p.add_argument("--port", type=int, default=29500, help="main process port")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="memory per GPU that micro_batch_size auto plans for (default: this machine's GPU, else "
+                        f"{DEFAULT_GPU_GIB:g})")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per world size")
     return p
 
@@ -153,9 +224,23 @@ def plan_command(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides, nodes=args.nodes or [1],
                            gpus_per_node=args.gpus_per_node or [1], strategy=args.strategy, cpu=args.cpu,
-                           main_process_port=args.port, accelerate_config=args.accelerate_config)
+                           main_process_port=args.port, accelerate_config=args.accelerate_config,
+                           gpu_memory_gib=args.gpu_memory or (None if args.cpu else _local_gpu_gib()))
     print(json.dumps(entries, indent=2) if args.json else format_plan(entries, args.recipe))
+    if all("error" in e for e in entries):  # nothing can run: say why on stderr too, and fail
+        raise BatchError(f"world size {entries[0]['world_size']}: {entries[0]['error']}")
     return 0
+
+
+def _local_gpu_gib() -> float | None:
+    """This machine's GPU memory, when torch is installed and sees one (a login node usually has none)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 def plan_cli(args: argparse.Namespace) -> int:
@@ -176,12 +261,16 @@ def plan_cli(args: argparse.Namespace) -> int:
             entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides,
                                    nodes=args.nodes or [1], gpus_per_node=args.gpus_per_node or [1],
                                    strategy=args.strategy, cpu=args.cpu, main_process_port=args.port,
-                                   accelerate_config=args.accelerate_config)
+                                   accelerate_config=args.accelerate_config,
+                                   gpu_memory_gib=args.gpu_memory or (None if args.cpu else _local_gpu_gib()))
         except ValueError as e:
             print(f"scalesft plan: error: {e}", file=sys.stderr)
             print(json.dumps({"error": str(e)}), file=out)
             return 2
     print(json.dumps(entries, indent=2), file=out)
+    if all("error" in e for e in entries):  # each world size's entry says why; none can run
+        print(f"scalesft plan: error: world size {entries[0]['world_size']}: {entries[0]['error']}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.batch import plan_batch
+from launch.memory import choose_batching
 from launch.preflight import check_port, check_rows, count_rows, train_rows
 from launch.render import LaunchCommand, render_launch
 from launch.strategy import STRATEGIES, planned_precision, resolve_qlora
@@ -61,7 +61,8 @@ def prepare_train(args: argparse.Namespace) -> LaunchCommand:
     device = args.device or "auto"
     port = DEFAULT_PORT if args.port is None else args.port
     cpu = device == "cpu" or (device == "auto" and not _cuda_available())
-    plan_batch(recipe.training.global_batch_size, recipe.training.micro_batch_size, world)
+    choose_batching(recipe, strategy=strategy, world_size=world,  # the batch math (micro_batch_size auto too)
+                    precision=planned_precision(recipe.training.precision, cpu))
     resolve_qlora(strategy=strategy, bits=recipe.quantization.bits,
                   compute_dtype=recipe.quantization.compute_dtype,
                   precision=planned_precision(recipe.training.precision, cpu),

@@ -21,8 +21,15 @@ def with_(section: str, **values) -> dict:
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(recipe: Path):
+    from launch.memory import choose_batching
+
     r = load_recipe(recipe)
-    assert r.training.global_batch_size % r.training.micro_batch_size == 0
+    assert r.training.micro_batch_size == "auto"  # the planner chooses; the global batch is the recipe's
+    for world in (1, 2, 4, 8, 16, 32):  # plans wherever the global batch holds one row per process
+        if r.training.global_batch_size >= world:
+            b = choose_batching(r, strategy="ddp", world_size=world, precision="bf16")
+            assert b.global_batch_size == r.training.global_batch_size and b.micro_batch_tokens >= \
+                r.data.max_seq_length
     assert r.model.trust_remote_code is False  # only when a recipe asks; none of ours needs it
 
 
@@ -30,7 +37,10 @@ def test_every_shipped_recipe_validates(recipe: Path):
     (with_("training", learnig_rate=1e-4), "unknown recipe key 'training.learnig_rate': did you mean 'learning_rate'?"),
     (with_("lora", rank=8), "unknown recipe key 'lora.rank'"),
     ({**BASE, "trainig": {}}, "unknown recipe key 'trainig': did you mean 'training'?"),
-    (with_("training", micro_batch_size="4"), "training.micro_batch_size: expected int, got '4' (str)"),
+    (with_("training", micro_batch_size="4"), "training.micro_batch_size: expected int or one of 'auto', got '4' (str)"),
+    (with_("training", micro_batch_size=4, micro_batch_tokens=4096),
+     "training.micro_batch_tokens applies to training.micro_batch_size: auto, not 4"),
+    (with_("training", micro_batch_tokens=512), "training.micro_batch_tokens=512 is below data.max_seq_length=1024"),
     (with_("training", gradient_checkpointing="yes"), "training.gradient_checkpointing: expected bool"),
     (with_("quantization", bits=3), "quantization.bits: expected one of 4, 8 or null, got 3"),
     (with_("lora", target_modules=5), "lora.target_modules: expected list or one of 'all-linear'"),

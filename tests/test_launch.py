@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from launch import plan as plan_mod
+from launch.batch import nearest_global_batches
 from launch import run as run_mod
 from launch.render import LaunchError, render_launch
 from launch.strategy import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR, STRATEGIES, StrategyError, resolve_qlora
@@ -263,3 +264,99 @@ def test_every_train_option_acts(recipe, tmp_path, monkeypatch):
     cmd, a = train("--accelerate-config", str(custom))
     assert a.config_file == str(custom)
     assert not trained
+
+
+# ---- micro_batch_size: auto in the plan ---------------------------------------------------------------------
+
+def _entries(recipe_path, *overrides, worlds=range(1, 65), strategy="ddp", **kw):
+    from trainer.config import load_recipe
+
+    r = load_recipe(recipe_path, list(overrides))
+    return plan_mod.plan_entries(r, recipe_path=str(recipe_path), overrides=list(overrides), nodes=[1],
+                                 gpus_per_node=list(worlds), strategy=strategy, **kw)
+
+
+def test_plan_every_world_size_1_to_64_never_aborts(recipe):
+    """Token micro-batches: every world size with one row per process plans; the others are marked with the
+    reason and the nearest valid global batch; the table and JSON hold all 64."""
+    entries = _entries(recipe, "training.micro_batch_size=auto", "training.global_batch_size=48")
+    assert [e["world_size"] for e in entries] == list(range(1, 65))
+    for e in entries:
+        w = e["world_size"]
+        if w <= 48:  # 64 rows: also one row per process
+            assert "error" not in e, e
+            assert e["batching"] == "tokens" and e["micro_batch_size"] is None
+            assert e["micro_batch_tokens"] == 4096 and e["global_batch_size"] == 48  # no shape: the default
+            assert e["max_gradient_accumulation_steps"] == -(-(-(-48 // w)) // (4096 // 256))
+            assert e["repeated_rows_per_epoch"] == (w - 16 if 16 < w else 0)  # 64 = 48 + 16 rows in the tail
+        else:
+            assert "smaller than the world size" in e["error"] and e["nearest_global_batch_size"] == [w]
+    text = plan_mod.format_plan(entries, str(recipe))
+    assert "world size 49 cannot run: training.global_batch_size=48 is smaller than the world size (49)" in text
+    assert "nearest valid global batch at this world size: 49" in text
+    assert text.count("cannot run: see below") == 16
+    json.dumps(entries)  # --json prints them as they are
+
+
+def test_plan_every_world_size_with_a_fixed_or_padded_micro_batch(recipe):
+    """An integer micro batch keeps today's meaning (refused exactly where global % (micro x world) != 0);
+    auto on padded rows takes the largest divisor of global / world that fits."""
+    fixed = _entries(recipe)  # micro 2, global 16
+    padded = _entries(recipe, "training.micro_batch_size=auto", "data.padding_free=false")
+    for e, p in zip(fixed, padded):
+        w = e["world_size"]
+        if 16 % (2 * w) == 0:
+            assert (e["micro_batch_size"], e["gradient_accumulation_steps"]) == (2, 16 // (2 * w))
+        else:
+            assert "is not divisible" in e["error"]
+            assert e["nearest_global_batch_size"] == [g for g in (16 // (2 * w) * 2 * w, 16 // (2 * w) * 2 * w + 2 * w) if g]
+        if 16 % w == 0:  # budget 4096 / max_seq_length 256: up to 16 rows per micro-step
+            assert (p["micro_batch_size"], p["gradient_accumulation_steps"], p["batching"]) == (16 // w, 1, "rows")
+        else:
+            assert ("not divisible by the world size" if w < 16 else "smaller than the world size") in p["error"]
+            assert p["nearest_global_batch_size"] == nearest_global_batches(max(16, w), w)
+
+
+@pytest.mark.parametrize("name", ["seed-000-kanana-qlora", "seed-001-llama31-instruct-lora",
+                                  "seed-003-llama2-guanaco-qlora", "seed-004-llama31-ko-alpaca-qlora"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_shipped_seed_recipes_plan_cleanly(name, strategy, tmp_path):
+    """At 1, 2, 4, 8, 16 and 32 GPUs wherever the global batch >= world size, with the memory model sizing
+    the token budget from an 8B Llama shape on 80 GiB."""
+    from launch.strategy import ROOT
+
+    model = tmp_path / "llama8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}))
+    worlds = [1, 2, 4, 8, 16, 32]
+    entries = _entries(ROOT / "recipes" / f"{name}.yaml", f"model.name_or_path={model}", worlds=worlds,
+                       strategy=strategy, gpu_memory_gib=80)
+    for e in entries:
+        g = 1 if name.startswith("seed-003") else (8 if name.startswith("seed-004") else 32)
+        if e["world_size"] <= g:
+            assert "error" not in e, e
+            assert e["batching"] == "tokens" and 2048 <= e["micro_batch_tokens"] <= 16384
+            assert e["memory"]["peak_gib_checkpointing"] <= 0.85 * 80
+        else:
+            assert e["nearest_global_batch_size"] == [e["world_size"]]
+
+
+def test_readme_plan_example_runs(capsys):
+    """`scalesft plan recipes/seed-000-kanana-qlora.yaml --nodes 2 --gpus-per-node 8 --strategy zero3`: the
+    README's own example, which a fixed micro batch of 4 refused (32 is not divisible by 4 x 16)."""
+    from launch.strategy import ROOT
+
+    assert plan_mod.main([str(ROOT / "recipes/seed-000-kanana-qlora.yaml"), "--nodes", "2", "--gpus-per-node", "8",
+                          "--strategy", "zero3"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["16"])
+    assert row[:5] == ["16", "2", "8", "4096", "tok"] and row[5] == "<=1"
+
+
+def test_plan_json_marks_the_world_sizes_that_cannot_run(recipe, capsys):
+    assert plan_mod.main([str(recipe), "--gpus-per-node", "2,3,4", "--json"]) == 0  # micro 2, global 16
+    entries = json.loads(capsys.readouterr().out)
+    assert [("error" in e, e["world_size"]) for e in entries] == [(False, 2), (True, 3), (False, 4)]
+    assert entries[1]["nearest_global_batch_size"] == [12, 18] and "is not divisible" in entries[1]["error"]

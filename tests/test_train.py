@@ -290,3 +290,62 @@ def test_liger_goes_through_trls_switch_with_trls_loss(tiny, tmp_path, monkeypat
     assert type(model).__name__ == "PeftModelForCausalLM"  # the trained model, LoRA attached
     # and the loaded base model was left alone until then: no Liger module anywhere
     assert not any("Liger" in type(m).__name__ for m in model.modules())
+
+
+def test_auto_micro_batch_equals_the_explicit_one(tiny, tmp_path):
+    """micro_batch_size auto on padding-free rows (micro-batches sized by tokens) trains the same rows in every
+    optimizer step as micro 2 x accumulation 4 at global batch 8, with the CPU default budget (one micro-step
+    per step) and with a budget of 80 tokens that splits each step into micro-batches of different row counts;
+    over 6 steps of 32 rows, i.e. into the second epoch; and resuming mid-epoch 2 continues exactly."""
+    from safetensors.torch import load_file
+
+    def run(name, **training):
+        recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", tiny, tmp_path / name, data={"limit": 32},
+                                          training={"max_steps": 6, "save_steps": 5, **training}))
+        return train(recipe)
+
+    explicit = run("explicit")
+    auto = run("auto", micro_batch_size="auto")
+    small = run("small", micro_batch_size="auto", micro_batch_tokens=80)
+    shutil.copytree(tmp_path / "auto" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
+    resumed = run("resumed", micro_batch_size="auto")
+    assert resumed["resumed_from"].endswith("checkpoint-5") and resumed["global_step"] == 6
+    assert explicit["gradient_accumulation_steps"] == 4 and explicit["micro_batch_size"] == 2
+    assert auto["gradient_accumulation_steps"] == 1 and auto["micro_batch_tokens"] == 4096
+    assert small["gradient_accumulation_steps"] > 2 and small["micro_batch_tokens"] == 80
+    assert explicit["tokens_trained"] == auto["tokens_trained"] == small["tokens_trained"]  # the same rows
+    assert explicit["tokens_processed"] == auto["tokens_processed"] == small["tokens_processed"]
+    ref = load_file(tmp_path / "explicit" / "adapter_model.safetensors")
+    for name in ("auto", "small", "resumed"):
+        got = load_file(tmp_path / name / "adapter_model.safetensors")
+        diff = max((ref[k] - got[k]).abs().max().item() for k in ref)
+        assert diff <= 1e-5, (name, diff)
+    assert max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k) > 1e-2  # training moved them
+    losses = [x["loss"] for x in explicit["train_loss"]]
+    assert max(abs(a - b["loss"]) for a, b in zip(losses, small["train_loss"])) < 1e-5
+
+
+def test_token_counts_cover_every_processed_token_at_its_length():
+    """What MFU counts: every input token (not only the loss-bearing ones) and the causal attention pairs at
+    each row's real length, from padding-free and from padded batches alike, on the device."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from trainer.flops import Shape, train_flops, train_flops_terms
+    from trainer.metrics import count_tokens
+
+    rows = [{"input_ids": list(range(1, n + 1))} for n in (3, 17, 40)]
+    lens = [3, 17, 40]
+    pairs = sum(n * (n + 1) // 2 for n in lens)
+    for padding_free in (True, False):
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)(rows)
+        assert ("attention_mask" in batch) is not padding_free
+        counts = count_tokens(batch)
+        loss_tokens = int((batch["labels"][..., 1:] != -100).sum())
+        assert counts.tolist() == [loss_tokens, sum(lens), pairs], padding_free
+        assert count_tokens(batch, counts.clone()).tolist() == [2 * loss_tokens, 2 * sum(lens), 2 * pairs]
+    shape = Shape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256)
+    per_token, per_pair = train_flops_terms(shape, lora_r=64)
+    assert per_token * sum(lens) + per_pair * pairs == train_flops(shape, lens, lora_r=64)
+    # at 4096-token rows attention is a sizeable share that a per-token count would miss
+    assert train_flops(shape, [4096], lora_r=64) > 1.1 * per_token * 4096

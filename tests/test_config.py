@@ -76,3 +76,12 @@ def test_overrides_are_typed_and_nested(tmp_path):
 def test_missing_recipe_file():
     with pytest.raises(RecipeError, match="recipe file 'nope.yaml' does not exist"):
         load_recipe("nope.yaml")
+
+
+def test_saved_recipes_hide_secrets_but_keep_token_counts():
+    from trainer.config import redacted
+
+    out = redacted({"training": {"micro_batch_tokens": 4096, "hf_token": "hf_x", "wandb_api_key": "k",
+                                 "client_secret": "s", "password": "p", "token": "t", "max_tokens": 3}})
+    assert out == {"training": {"micro_batch_tokens": 4096, "hf_token": "***", "wandb_api_key": "***",
+                                "client_secret": "***", "password": "***", "token": "***", "max_tokens": 3}}

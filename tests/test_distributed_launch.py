@@ -271,3 +271,43 @@ def test_hung_rank_fails_after_ddp_timeout(tiny, tmp_path):
     print(f"\n[hung rank] timeout {timeout} s: rank 0's error after {waited:.1f} s, job ended after {total:.1f} s")
     assert timeout - 1 < waited < timeout + 15, text[-4000:]  # the recipe's timeout, not torch's 30 min
     assert total < timeout + 30 + 20  # + torchrun's 30 s SIGTERM grace for the hung rank + a margin
+
+
+def test_auto_token_micro_batches_ddp_two_processes(launch, single):
+    """micro_batch_size auto on padding-free rows: each step's 8 rows dealt to 2 gloo DDP ranks and split into
+    micro-batches of at most 128 tokens. The rows (30-120 tokens) make the ranks' micro-batches differ in row
+    count and tokens within a step, yet both ranks run the same number of micro-steps (no hang) and the adapter
+    equals the 1-process micro 2 x accumulation 4 run's."""
+    from launch.batch import epoch_layouts
+    from trainer.batching import plan_run, row_lengths, row_order
+    from trainer.config import load_recipe
+    from trainer.data import read_rows, tokenize
+    from trainer.distributed import adapter_digest
+    from trainer.model import load_tokenizer
+
+    r = launch("auto_ddp", gpus=2, strategy="ddp", training={"micro_batch_size": "auto", "micro_batch_tokens": 128})
+    recipe = load_recipe(r.out / "recipe.yaml")
+    dataset, _ = tokenize(read_rows(recipe.data), load_tokenizer(recipe.model), recipe.data)
+    lengths = row_lengths(dataset)
+    plan = plan_run(lengths, global_batch_size=8, world_size=2, budget=128, seed=0, max_steps=STEPS,
+                    num_train_epochs=1)
+    k = plan.gradient_accumulation_steps
+    assert k >= 2 and r.metrics["gradient_accumulation_steps"] == k and r.metrics["micro_batch_tokens"] == 128
+    for rank in range(2):
+        assert (f"rank {rank} (local {rank}) of 2: strategy=ddp device=cpu micro_batch_tokens=128 grad_accum={k} "
+                "global_batch=8 precision=fp32") in r.stdout
+    layouts = list(epoch_layouts(row_order(len(lengths), 0, 0), lengths, plan))[:STEPS]
+    uneven = [(s, j) for s, lay in enumerate(layouts) for j in range(k) if len(lay[0][j]) != len(lay[1][j])]
+    assert uneven  # some micro-step where the ranks hold different numbers of rows
+    spread = max(max(lengths[i] for i in lay[r_][j]) / min(lengths[i] for i in lay[r_][j] + lay[1 - r_][j])
+                 for lay in layouts for r_ in range(2) for j in range(k))
+    assert spread > 2.5  # rows of very different lengths side by side
+    assert all(sum(lengths[i] for i in mb) <= 128 for lay in layouts for rk in lay for mb in rk)
+    assert r.metrics["world_size"] == 2 and r.metrics["global_step"] == STEPS
+    assert [x["process_group_size"] for x in r.ranks] == [2, 2]
+    saved = r.adapter()
+    assert {x["adapter_digest"] for x in r.ranks} == {adapter_digest(saved)}
+    assert r.metrics["tokens_trained"] == single.metrics["tokens_trained"]  # the same rows, all of them
+    diff = max_abs_diff(saved, single.adapter())
+    print(f"[equivalence] auto (tokens <= 128) ddp x2 vs 1 process micro 2: {diff:.3g}")
+    assert diff <= TOLERANCE

@@ -414,6 +414,16 @@ HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 REDACTED = "***"
 
 
+def _secret_key(key: Any, value: Any) -> bool:
+    """A key naming a secret. A count of tokens (training.micro_batch_tokens: 4096 or auto) is not one: it must
+    survive into the saved recipe.yaml, which a resumed or reloaded run reads back."""
+    k = str(key).lower()
+    if not any(m in k for m in SECRET_MARKERS):
+        return False
+    count = isinstance(value, int) or value == "auto"
+    return not (k.endswith("tokens") and count and not any(m in k for m in SECRET_MARKERS if m != "token"))
+
+
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """The values (8 characters or more) of this environment's secret variables, longest first."""
     env = os.environ if environ is None else environ
@@ -432,7 +442,7 @@ def redacted(obj: Any, environ: Mapping[str, str] | None = None) -> Any:
     """A copy of a plain dict/list tree safe to write or print: values of secret-looking keys (token, api_key,
     password, ...) replaced by ***, and secret environment values or Hugging Face tokens inside any string."""
     if isinstance(obj, dict):
-        return {k: REDACTED if any(m in str(k).lower() for m in SECRET_MARKERS) and v else redacted(v, environ)
+        return {k: REDACTED if _secret_key(k, v) and v else redacted(v, environ)
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [redacted(v, environ) for v in obj]

@@ -273,11 +273,26 @@ def test_hung_rank_fails_after_ddp_timeout(tiny, tmp_path):
     assert total < timeout + 30 + 20  # + torchrun's 30 s SIGTERM grace for the hung rank + a margin
 
 
-def test_auto_token_micro_batches_ddp_two_processes(launch, single):
-    """micro_batch_size auto on padding-free rows: each step's 8 rows dealt to 2 gloo DDP ranks and split into
-    micro-batches of at most 128 tokens. The rows (30-120 tokens) make the ranks' micro-batches differ in row
-    count and tokens within a step, yet both ranks run the same number of micro-steps (no hang) and the adapter
-    equals the 1-process micro 2 x accumulation 4 run's."""
+def bimodal_rows(n: int = 64) -> list[dict[str, str]]:
+    """Q/A rows that are either very short (a one-clause answer, ~25 tokens) or long (twelve clauses, ~120)."""
+    import random
+
+    from trainer.tiny import _SUBJECTS, _VERBS
+
+    rng = random.Random(3)
+    rows = []
+    for _ in range(n):
+        q = f"{rng.choice(_SUBJECTS)}에 대해 {rng.choice(_SUBJECTS)}은 어떻습니까?"
+        a = " ".join(f"{rng.choice(_SUBJECTS)}는 {rng.choice(_VERBS)}." for _ in range(1 if rng.random() < 0.6 else 12))
+        rows.append({"question": q, "answer": a})
+    return rows
+
+
+def test_auto_token_micro_batches_ddp_two_processes(launch, tmp_path_factory):
+    """micro_batch_size auto on padding-free rows of very different lengths: each step's 8 rows dealt to 2 gloo
+    DDP ranks and split into micro-batches of at most 128 tokens, so within a step the ranks' micro-batches
+    differ in row count and tokens; yet both ranks run the same number of micro-steps (no hang) and the adapter
+    equals the 1-process micro 2 x accumulation 4 run's on the same rows."""
     from launch.batch import epoch_layouts
     from trainer.batching import plan_run, row_lengths, row_order
     from trainer.config import load_recipe
@@ -285,7 +300,11 @@ def test_auto_token_micro_batches_ddp_two_processes(launch, single):
     from trainer.distributed import adapter_digest
     from trainer.model import load_tokenizer
 
-    r = launch("auto_ddp", gpus=2, strategy="ddp", training={"micro_batch_size": "auto", "micro_batch_tokens": 128})
+    data = tmp_path_factory.mktemp("bimodal") / "rows.json"
+    data.write_text(json.dumps(bimodal_rows(), ensure_ascii=False), encoding="utf-8")
+    one = launch("single_bimodal", data={"path": str(data)}, training={"global_batch_size": 8, "micro_batch_size": 2})
+    r = launch("auto_ddp", gpus=2, strategy="ddp", data={"path": str(data)},
+               training={"micro_batch_size": "auto", "micro_batch_tokens": 128})
     recipe = load_recipe(r.out / "recipe.yaml")
     dataset, _ = tokenize(read_rows(recipe.data), load_tokenizer(recipe.model), recipe.data)
     lengths = row_lengths(dataset)
@@ -293,21 +312,21 @@ def test_auto_token_micro_batches_ddp_two_processes(launch, single):
                     num_train_epochs=1)
     k = plan.gradient_accumulation_steps
     assert k >= 2 and r.metrics["gradient_accumulation_steps"] == k and r.metrics["micro_batch_tokens"] == 128
+    assert one.metrics["gradient_accumulation_steps"] == 4
     for rank in range(2):
         assert (f"rank {rank} (local {rank}) of 2: strategy=ddp device=cpu micro_batch_tokens=128 grad_accum={k} "
                 "global_batch=8 precision=fp32") in r.stdout
     layouts = list(epoch_layouts(row_order(len(lengths), 0, 0), lengths, plan))[:STEPS]
     uneven = [(s, j) for s, lay in enumerate(layouts) for j in range(k) if len(lay[0][j]) != len(lay[1][j])]
-    assert uneven  # some micro-step where the ranks hold different numbers of rows
-    spread = max(max(lengths[i] for i in lay[r_][j]) / min(lengths[i] for i in lay[r_][j] + lay[1 - r_][j])
-                 for lay in layouts for r_ in range(2) for j in range(k))
-    assert spread > 2.5  # rows of very different lengths side by side
+    assert uneven  # micro-steps where the ranks hold different numbers of rows
+    assert max(lengths) > 3 * min(lengths)  # rows of very different lengths
     assert all(sum(lengths[i] for i in mb) <= 128 for lay in layouts for rk in lay for mb in rk)
     assert r.metrics["world_size"] == 2 and r.metrics["global_step"] == STEPS
     assert [x["process_group_size"] for x in r.ranks] == [2, 2]
     saved = r.adapter()
     assert {x["adapter_digest"] for x in r.ranks} == {adapter_digest(saved)}
-    assert r.metrics["tokens_trained"] == single.metrics["tokens_trained"]  # the same rows, all of them
-    diff = max_abs_diff(saved, single.adapter())
+    assert r.metrics["tokens_trained"] == one.metrics["tokens_trained"]  # the same rows, all of them
+    assert max(v.abs().max().item() for k_, v in saved.items() if "lora_B" in k_) > 1000 * TOLERANCE
+    diff = max_abs_diff(saved, one.adapter())
     print(f"[equivalence] auto (tokens <= 128) ddp x2 vs 1 process micro 2: {diff:.3g}")
     assert diff <= TOLERANCE

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from launch.batch import BatchError, plan_batch
+from launch.batch import BatchError
 from launch.render import LaunchCommand
 from launch.run import run_command
 
@@ -324,7 +324,11 @@ def _run_cli(args) -> int:
                       procs_per_node=args.procs_per_node)
     procs = args.procs_per_node or max(args.gpus_per_node, 1)
     try:
-        plan_batch(recipe.training.global_batch_size, recipe.training.micro_batch_size, args.nodes * procs)
+        from launch.memory import choose_batching
+        from launch.strategy import planned_precision
+
+        choose_batching(recipe, strategy=args.strategy, world_size=args.nodes * procs,  # micro_batch_size auto too
+                        precision=planned_precision(recipe.training.precision, args.gpus_per_node == 0))
     except BatchError as e:
         raise SlurmError(f"{args.nodes} node(s) x {procs} process(es): {e}") from None
     check_output_dir(recipe.training.output_dir)

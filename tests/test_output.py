@@ -61,7 +61,10 @@ def test_plan_json_is_json_on_stdout_errors_included(tmp_path):
 @pytest.mark.parametrize("options, message", [
     (["--time", "12h"], "--time '12h' is not a Slurm time limit"),
     (["--partition", "gpu;rm -rf"], "is not a partition name"),
-    (["--gpus-per-node", "3"], "1 node(s) x 3 process(es): training.global_batch_size=32 is not divisible"),
+    (["--gpus-per-node", "3", "training.micro_batch_size=4"],  # a fixed micro batch of 4: 32 % 12 != 0
+     "1 node(s) x 3 process(es): training.global_batch_size=32 is not divisible"),
+    (["--gpus-per-node", "64"], "1 node(s) x 64 process(es): training.global_batch_size=32 is smaller than the world "
+                                "size (64)"),  # micro_batch_size auto: any global batch >= the world size
 ])
 def test_slurm_checks_options_and_batch_before_rendering(options, message):
     argv = ["slurm", "recipes/seed-000-kanana-qlora.yaml", "--nodes", "1", "--gpus-per-node", "1", *options,

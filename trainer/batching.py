@@ -91,11 +91,13 @@ def token_dataloader(trainer, sampler: TokenBatchSampler):
         dataset = trainer._remove_unused_columns(dataset, description="Training")
     else:
         collator = trainer._get_collator_with_removed_columns(collator, description="Training")
-    if len(dataset) != len(sampler.lengths):
-        raise BatchError(f"the trainer's dataset has {len(dataset)} rows, the token plan {len(sampler.lengths)}")
+    if row_lengths(dataset) != sampler.lengths:  # the rows the plan was made for, as the Trainer holds them
+        raise BatchError(f"the trainer's training set ({len(dataset)} rows) is not the one the token plan was made "
+                         f"for ({len(sampler.lengths)} rows): its rows changed length or order after tokenizing")
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=args.dataloader_num_workers,
                         pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers,
-                        prefetch_factor=args.dataloader_prefetch_factor,
+                        prefetch_factor=args.dataloader_prefetch_factor, in_order=args.dataloader_in_order,
+                        multiprocessing_context=args.dataloader_multiprocessing_context,
                         worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers,
                                                rank=args.process_index))
     return trainer.accelerator.prepare(loader)

@@ -166,23 +166,21 @@ def epoch_steps(order: list[int], global_batch_size: int, world_size: int) -> li
 def deal(rows: list[int], lengths, world_size: int) -> list[list[int]]:
     """Deal one step's rows to the ranks: counts equal to within one, tokens balanced (longest row first to the
     rank with the fewest tokens that may still take one). Deterministic; each rank's rows keep step order."""
+    import heapq
+
     base, extra = divmod(len(rows), world_size)
     pos = {r: i for i, r in enumerate(rows)}
     ranks: list[list[int]] = [[] for _ in range(world_size)]
-    tokens = [0] * world_size
+    heap = [(0, 0, k) for k in range(world_size)]  # (tokens, rows, rank): a rank leaves it once it is full
     big = 0  # ranks already holding base + 1 rows
     for r in sorted(rows, key=lambda r: (-lengths[r], pos[r])):
-        best = None
-        for k in range(world_size):
-            n = len(ranks[k])
-            if n > base or (n == base and big >= extra):
-                continue
-            if best is None or (tokens[k], len(ranks[k])) < (tokens[best], len(ranks[best])):
-                best = k
-        if len(ranks[best]) == base:
-            big += 1
-        ranks[best].append(r)
-        tokens[best] += lengths[r]
+        while True:
+            tokens, n, k = heapq.heappop(heap)
+            if n < base or (n == base and big < extra):
+                break  # a rank at base rows once the base + 1 places are taken never takes another
+        big += n == base
+        ranks[k].append(r)
+        heapq.heappush(heap, (tokens + lengths[r], n + 1, k))
     return [sorted(x, key=pos.__getitem__) for x in ranks]
 
 

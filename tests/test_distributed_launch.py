@@ -288,7 +288,14 @@ def bimodal_rows(n: int = 64) -> list[dict[str, str]]:
     return rows
 
 
-def test_auto_token_micro_batches_ddp_two_processes(launch, tmp_path_factory):
+@pytest.fixture(scope="module")
+def bimodal(tmp_path_factory):
+    data = tmp_path_factory.mktemp("bimodal") / "rows.json"
+    data.write_text(json.dumps(bimodal_rows(), ensure_ascii=False), encoding="utf-8")
+    return str(data)
+
+
+def test_auto_token_micro_batches_ddp_two_processes(launch, bimodal):
     """micro_batch_size auto on padding-free rows of very different lengths: each step's 8 rows dealt to 2 gloo
     DDP ranks and split into micro-batches of at most 128 tokens, so within a step the ranks' micro-batches
     differ in row count and tokens; yet both ranks run the same number of micro-steps (no hang) and the adapter
@@ -300,10 +307,8 @@ def test_auto_token_micro_batches_ddp_two_processes(launch, tmp_path_factory):
     from trainer.distributed import adapter_digest
     from trainer.model import load_tokenizer
 
-    data = tmp_path_factory.mktemp("bimodal") / "rows.json"
-    data.write_text(json.dumps(bimodal_rows(), ensure_ascii=False), encoding="utf-8")
-    one = launch("single_bimodal", data={"path": str(data)}, training={"global_batch_size": 8, "micro_batch_size": 2})
-    r = launch("auto_ddp", gpus=2, strategy="ddp", data={"path": str(data)},
+    one = launch("single_bimodal", data={"path": bimodal}, training={"global_batch_size": 8, "micro_batch_size": 2})
+    r = launch("auto_ddp", gpus=2, strategy="ddp", data={"path": bimodal},
                training={"micro_batch_size": "auto", "micro_batch_tokens": 128})
     recipe = load_recipe(r.out / "recipe.yaml")
     dataset, _ = tokenize(read_rows(recipe.data), load_tokenizer(recipe.model), recipe.data)
@@ -329,4 +334,17 @@ def test_auto_token_micro_batches_ddp_two_processes(launch, tmp_path_factory):
     assert max(v.abs().max().item() for k_, v in saved.items() if "lora_B" in k_) > 1000 * TOLERANCE
     diff = max_abs_diff(saved, one.adapter())
     print(f"[equivalence] auto (tokens <= 128) ddp x2 vs 1 process micro 2: {diff:.3g}")
+    assert diff <= TOLERANCE
+
+
+def test_auto_token_micro_batches_zero3_two_processes(launch, bimodal):
+    """The same under ZeRO-3, where every micro-step's forward and backward gather the sharded weights across
+    the ranks: a rank running one micro-step more than the other would hang. It finishes, and equals."""
+    one = launch("single_bimodal", data={"path": bimodal}, training={"global_batch_size": 8, "micro_batch_size": 2})
+    r = launch("auto_zero3", gpus=2, strategy="zero3", data={"path": bimodal},
+               training={"micro_batch_size": "auto", "micro_batch_tokens": 128})
+    assert all(x["zero_stage"] == 3 and x["zero3_partitioned_params"] > 0 for x in r.ranks)
+    assert r.metrics["global_step"] == STEPS and r.metrics["gradient_accumulation_steps"] >= 2
+    diff = max_abs_diff(r.adapter(), one.adapter())
+    print(f"[equivalence] auto (tokens <= 128) zero3 x2 vs 1 process micro 2: {diff:.3g}")
     assert diff <= TOLERANCE

@@ -349,3 +349,19 @@ def test_token_counts_cover_every_processed_token_at_its_length():
     assert per_token * sum(lens) + per_pair * pairs == train_flops(shape, lens, lora_r=64)
     # at 4096-token rows attention is a sizeable share that a per-token count would miss
     assert train_flops(shape, [4096], lora_r=64) > 1.1 * per_token * 4096
+
+
+def test_auto_micro_batch_on_padded_rows_is_the_largest_that_fits(tiny, tmp_path):
+    """data.padding_free false: auto takes the largest row micro batch that divides global / world and fits the
+    token budget (8 rows of <= 64 tokens in 4096: micro 8, no accumulation) and trains what micro 2 x 4 does."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, micro in (("explicit", 2), ("auto", "auto")):
+        recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", tiny, tmp_path / name,
+                                          data={"padding_free": False},
+                                          training={"max_steps": 3, "micro_batch_size": micro}))
+        runs[name] = train(recipe)
+    assert (runs["auto"]["micro_batch_size"], runs["auto"]["gradient_accumulation_steps"]) == (8, 1)
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("explicit", "auto"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

@@ -250,8 +250,7 @@ def plan_token_batches(orders, lengths, *, global_batch_size: int, world_size: i
     if n < world_size:
         raise BatchError(f"{n} training rows for {world_size} processes: every process needs at least one row")
     k_full = k_tail = 0
-    short = None  # a step whose rank with fewest rows cannot fill k micro-batches
-    needs = []
+    needs = []  # per step: (micro-batches its neediest rank needs, rows of its rank with fewest, last partial?)
     for order in orders:
         steps = epoch_steps(list(order), global_batch_size, world_size)
         tail = n % global_batch_size != 0
@@ -264,13 +263,14 @@ def plan_token_batches(orders, lengths, *, global_batch_size: int, world_size: i
             else:
                 k_full = max(k_full, need)
     k = max(k_full, k_tail)
-    for need, fewest, is_tail in needs:
-        if (k_tail if is_tail else k) > fewest:
-            short = fewest
-    if short is not None:
-        raise BatchError(f"with training.micro_batch_tokens={budget} a rank needs {k} micro-steps but another holds "
-                         f"only {short} rows: raise training.micro_batch_tokens to at least twice "
-                         f"data.max_seq_length, or make training.global_batch_size divisible by {world_size}")
+    short = [(fewest, is_tail) for need, fewest, is_tail in needs if (k_tail if is_tail else k) > fewest]
+    if short:
+        fewest, is_tail = short[0]
+        where = ("the epoch's last, partial step" if is_tail else "a step")
+        raise BatchError(f"with training.micro_batch_tokens={budget} a rank needs {k_tail if is_tail else k} "
+                         f"micro-steps in {where} but another holds only {fewest} rows there: raise "
+                         "training.micro_batch_tokens to at least twice data.max_seq_length (then any two rows "
+                         "share a micro-batch and this cannot happen)")
     t = n % global_batch_size
     repeated = world_size - t if 0 < t < world_size else 0
     return TokenPlan(global_batch_size=global_batch_size, world_size=world_size, micro_batch_tokens=budget,

@@ -357,3 +357,43 @@ def test_sigterm_with_wandb_still_writes_the_promised_checkpoint(tiny, tmp_path)
     assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
     assert sum("WandbCallback.on_log failed (ConnectionResetError" in x for x in text.splitlines()) == 1, text[-4000:]
     assert "Traceback" not in text, text[-4000:]
+
+
+@pytest.mark.slow
+def test_world_size_change_at_the_same_global_batch_continues_exactly(tiny, tmp_path, capsys):
+    """3 steps on 2 processes (micro 2 x accumulation 2), then 3 more on 1 (micro 2 x accumulation 4): the
+    change is announced and the adapter equals 6 steps straight on 1 process (64 rows = 8 whole steps)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    training = {"max_steps": STEPS, "save_steps": 100, "lr_scheduler_type": "constant"}
+    path = write_recipe(tmp_path / "r.yaml", tiny, out, training=training)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--gpus", "2", "--strategy", "ddp",
+                           "--device", "cpu", "--port", "0"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / f"checkpoint-{STEPS}" / COMPLETE_MARKER).read_text())["world_size"] == 2
+
+    m = train(load_recipe(path, ["training.max_steps=6"]))
+    assert m["resumed_from"] == str(out / f"checkpoint-{STEPS}") and m["global_step"] == 6 and m["world_size"] == 1
+    lines = [x for x in capsys.readouterr().out.splitlines() if "world size 2 -> 1" in x]
+    assert lines == [f"[scalesft] world size 2 -> 1 since checkpoint-{STEPS}, same global batch 8: 64 training rows "
+                     "divide into whole steps, so every step sees the same rows as before; continuing exactly"]
+    straight = tmp_path / "straight"
+    train(load_recipe(path, ["training.max_steps=6", f"training.output_dir={straight}"]))
+    a, b = load_file(out / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    # The same change where the rows do not divide into whole steps is refused before anything loads.
+    shutil.rmtree(out)
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--gpus", "2", "--strategy", "ddp",
+                           "--device", "cpu", "--port", "0", "data.limit=60"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before = snapshot(out)
+    assert main([str(path), "data.limit=60", "training.max_steps=6"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if "scalesft" in x]
+    assert len(err) == 1 and "was written by 2 process(es), this run has 1: 60 training rows are not a multiple of " \
+                              "the global batch 8" in err[0], err
+    assert snapshot(out) == before

@@ -6,7 +6,8 @@ Usage:
     scalesft train RECIPE [overrides]
 
 Order of work: recipe -> hardware checks -> strategy and batch plan -> data (tokenized once, cached) ->
-model -> train (resuming from the newest complete checkpoint in output_dir) -> adapter + metrics.
+model -> train (resuming from the newest complete checkpoint in output_dir when it holds the same run,
+trainer/resume.py) -> adapter + metrics.
 Every user error stops here with one line before any model is loaded.
 """
 

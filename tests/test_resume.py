@@ -328,9 +328,9 @@ def test_sigterm_with_wandb_still_writes_the_promised_checkpoint(tiny, tmp_path)
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         lines = []
-        for line in p.stdout:  # training under way: two logged steps
+        for line in p.stdout:  # training under way: two logged steps ('[scalesft] step  2/400 · loss ...')
             lines.append(line)
-            if sum("'loss'" in x for x in lines) >= 2:
+            if sum(x.startswith("[scalesft] step ") for x in lines) >= 2:
                 break
         core = [k for k in _descendants(p.pid) if b"wandb-core" in Path(f"/proc/{k}/cmdline").read_bytes()]
         assert core, "".join(lines)[-3000:]

@@ -397,3 +397,16 @@ def test_world_size_change_at_the_same_global_batch_continues_exactly(tiny, tmp_
     assert len(err) == 1 and "was written by 2 process(es), this run has 1: 60 training rows are not a multiple of " \
                               "the global batch 8" in err[0], err
     assert snapshot(out) == before
+
+
+def test_finished_by_steps_or_by_epochs():
+    epochs = {"max_steps": -1, "num_train_epochs": 1.0}
+    assert resume.finished(3, 1.0, 3, {"max_steps": 3}, None, None)
+    assert not resume.finished(5, 1.0, 3, {"max_steps": 3}, None, None)
+    assert resume.finished(5, 1.0, 0, None, None, {"global_step": 6})  # checkpoints deleted, completed at 6
+    # Epoch runs: finished at the checkpoint's own end only for the same run length.
+    assert resume.finished(-1, 1.0, 8, {"max_steps": 8}, epochs, None)
+    assert not resume.finished(-1, 2.0, 8, {"max_steps": 8}, epochs, None)
+    assert not resume.finished(-1, 1.0, 5, {"max_steps": 8}, epochs, None)
+    assert resume.finished(-1, 1.0, 8, None, None, {"global_step": 8, **epochs})
+    assert not resume.finished(-1, 3.0, 8, None, None, {"global_step": 8, **epochs})

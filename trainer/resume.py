@@ -350,6 +350,11 @@ def mark_completed(output_dir: str | Path, *, global_step: int, max_steps: int, 
 
 # ---------------------------------------------------------------- failing saves
 
+class SaveError(RecipeError):
+    """A checkpoint or adapter write failed for disk space or permissions: said by whichever rank hit it (it
+    may be the only one)."""
+
+
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 TORCH_WRITE_ERRORS = ("iostream error", "unexpected pos", "PytorchStreamWriter failed", "file write failed")
 
@@ -387,4 +392,4 @@ def save_errors(output_dir: str | Path, trainer=None):
         if not save_failure(e):
             raise
         folder = Path(output_dir) / f"checkpoint-{trainer.state.global_step}" if trainer else output_dir
-        raise RecipeError(save_failure_line(output_dir, folder, e)) from None
+        raise SaveError(save_failure_line(output_dir, folder, e)) from None

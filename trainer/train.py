@@ -321,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
 
         shutdown()  # every rank leaves the process group together: a clean exit 0
     except RecipeError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        from .resume import SaveError
+
+        if int(os.environ.get("RANK", "0")) == 0 or isinstance(e, SaveError):
             print(f"scalesft: error: {e}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:  # a collective past training.ddp_timeout: the traceback, then one line naming it

@@ -152,11 +152,20 @@ class TrainingConfig:
     eval_steps: int | None = None
     save_steps: int = 500
     save_total_limit: int | None = 2
+    """Complete checkpoints kept (null: all). An older one is deleted only once a newer one is complete, so a
+    crash at any instant leaves the newest complete checkpoint (trainer/preemption.py rotate)."""
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
     sample_prompts: list[str] = field(default_factory=list)
     """Questions answered (greedy) before and after training on rank 0: printed and kept in train_metrics.json."""
     run_name: str | None = None
     wandb_project: str = "scalesft"
+    resume: Literal["auto", "never", "force"] = "auto"
+    """What a run does when output_dir already holds a run (trainer/resume.py). auto: continue it from the
+    newest complete checkpoint when it is the same run (the recipe minus run-length and logging fields, the
+    data file's content, the model and tokenizer, the scalesft version), do nothing when it already finished,
+    and otherwise stop with one line naming each difference. never: start over in this output_dir (the previous
+    run's checkpoints are deleted). force: continue from the newest complete checkpoint despite the differences
+    (its optimizer and scheduler state, learning rate included, are the checkpoint's)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -6,7 +6,8 @@ Usage:
     scalesft train RECIPE [overrides]
 
 Order of work: recipe -> hardware checks -> strategy and batch plan -> data (tokenized once, cached) ->
-model -> train (resuming from the newest complete checkpoint in output_dir) -> adapter + metrics.
+model -> train (resuming from the newest complete checkpoint in output_dir when it holds the same run,
+trainer/resume.py) -> adapter + metrics.
 Every user error stops here with one line before any model is loaded.
 """
 
@@ -106,7 +107,7 @@ def sft_config(recipe: Recipe, r: Resolved, has_eval: bool):
         logging_first_step=True,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # rotated after each checkpoint is complete (trainer/preemption.py rotate)
         eval_strategy="steps" if has_eval else "no",
         eval_on_start=has_eval,  # the held-out loss before training, to compare with the one after
         disable_tqdm=True,  # trainer/console.py prints one line per logged step
@@ -166,6 +167,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     from transformers import set_seed
 
     from . import console, distributed, generate, metrics, preemption
+    from . import resume as run_record
     from .model import fuse_lora, load_model, load_tokenizer, peft_config
 
     console.after_imports()
@@ -173,6 +175,11 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     s = r.strategy
     is_main = s.rank == 0
     out = Path(recipe.training.output_dir)
+    plan = run_record.plan(recipe, train_dataset=train_dataset)  # same run? finished? (trainer/resume.py)
+    if plan.finished:
+        if is_main:
+            print(plan.finished_line(), flush=True)
+        return {"finished_before": True, "global_step": plan.step, "resumed_from": plan.checkpoint}
     tokenizer = load_tokenizer(recipe.model)
     report = None
     if train_dataset is None:
@@ -180,9 +187,12 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     if len(train_dataset) < s.world_size:
         raise RecipeError(f"{len(train_dataset)} training rows for {s.world_size} processes: every process needs "
                           "at least one row; use fewer processes or more data")
+    moved = run_record.check_world_size(plan, world_size=s.world_size, train_rows=len(train_dataset),
+                                        global_batch=r.batch.global_batch_size, packing=recipe.data.packing)
 
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        for line in run_record.record(plan, world_size=s.world_size) + ([moved] if moved else []):
+            print(line, flush=True)
         resolved_yaml = yaml.safe_dump(redacted(recipe.to_dict()), allow_unicode=True, sort_keys=False)
         (out / "recipe.yaml").write_text(resolved_yaml)
         print(f"[scalesft] resolved recipe written to {out / 'recipe.yaml'}", flush=True)
@@ -219,7 +229,8 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
 
     set_seed(recipe.training.seed)  # SFTTrainer attaches LoRA before Trainer seeds: same init on every rank
     throughput = metrics.ThroughputCallback()
-    stopper = preemption.PreemptionCallback()  # USR1/SIGTERM -> all ranks checkpoint at the same step, exit
+    # USR1/SIGTERM -> all ranks checkpoint at the same step, exit; old checkpoints rotate once a new one is complete
+    stopper = preemption.PreemptionCallback(save_total_limit=recipe.training.save_total_limit)
     trainer = _counting_trainer()(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                  processing_class=tokenizer, peft_config=peft_config(recipe.lora),
                                  callbacks=[throughput, stopper, *callbacks])
@@ -232,13 +243,15 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     throughput.bind(trainer, recipe)  # token counts, per-log tokens/s, MFU and every rank's peak memory
     fuse_lora(trainer.model, s.name)  # scale+add of each LoRA projection folded into one GEMM (bench/RESULTS.md)
     distributed.prepare_trainer(trainer, s)  # accelerate's state must match the launched strategy
-    resume = latest_checkpoint(out)
+    preemption.shield_trackers(trainer)  # a lost W&B connection stops W&B logging, never the run
+    resume = plan.checkpoint
     if is_main:
         for path in preemption.remove_incomplete_after(out, resume):
             print(f"[scalesft] removed incomplete checkpoint {path}", flush=True)
     if resume and is_main:
         print(f"[scalesft] resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    with run_record.save_errors(out, trainer):  # disk full / unwritable: one line, folder + free space
+        trainer.train(resume_from_checkpoint=resume)
     if stopper.preempted(trainer.state):
         if is_main:
             preemption.write_status(f"preempted step={trainer.state.global_step}")
@@ -246,7 +259,8 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
                   f"checkpoint {latest_checkpoint(out)}; a restart resumes there", flush=True)
         _finish_wandb(recipe)
         return {"preempted": True, "global_step": trainer.state.global_step, "resumed_from": resume}
-    trainer.save_model(str(out))
+    with run_record.save_errors(out):
+        trainer.save_model(str(out))
     distributed.rank_report(trainer, s, out)  # every rank: what really ran (+ adapter digest if SCALESFT_RANK_REPORT=1)
 
     result = metrics.summarize(trainer, throughput, trainer.loss_tokens, {
@@ -268,6 +282,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     if is_main:
         metrics.write(out / "train_metrics.json", result)
         preemption.write_status(f"completed step={result['global_step']}")
+        run_record.mark_completed(out, global_step=result["global_step"], **plan.run_length)
         for line in console.summary(result, str(out), samples[0] if samples else None):
             print(f"[scalesft] {line}", flush=True)
     _finish_wandb(recipe)
@@ -284,7 +299,9 @@ def _finish_wandb(recipe: Recipe) -> None:
     if recipe.training.report_to == "wandb":
         import wandb
 
-        if wandb.run is not None:
+        from .preemption import trackers_lost
+
+        if wandb.run is not None and not trackers_lost():  # a lost W&B service cannot finish the run
             wandb.finish()
 
 
@@ -342,8 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         train(recipe)
+        from .preemption import shutdown
+
+        shutdown()  # every rank leaves the process group together: a clean exit 0
     except RecipeError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        from .resume import SaveError
+
+        if int(os.environ.get("RANK", "0")) == 0 or isinstance(e, SaveError):
             print(f"scalesft: error: {e}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:  # a collective past training.ddp_timeout: the traceback, then one line naming it

@@ -135,6 +135,37 @@ def test_preempt_requeue_resume_is_exact(slurm_cluster, slurm_tiny, reference, t
     assert text.count(f"wandb run id {run_id} (resume=allow)") == 2
 
 
+def test_sigterm_with_wandb_checkpoints_and_resumes(slurm_cluster, slurm_tiny, tmp_path):
+    """`scontrol requeue`: Slurm's SIGTERM reaches every process of the job, W&B's wandb-core included. Before,
+    rank 0 died in WandbCallback.on_log (ConnectionResetError) and the promised checkpoint was never written;
+    now W&B logging stops and the ranks checkpoint, and the requeued job resumes there."""
+    out = tmp_path / "out"
+    steps = 200
+    recipe = write_recipe(tmp_path / "recipe.yaml", slurm_tiny, out, report_to="wandb", max_steps=steps,
+                          save_steps=1000)  # no periodic checkpoint: the only one is the SIGTERM's
+    log = tmp_path / "job.log"
+    job = submit_train(slurm_cluster, recipe, 2, job_env(tmp_path), log)
+    deadline = time.monotonic() + 180
+    while len(logged_steps(log.read_text(errors="replace") if log.exists() else "")) < 3:
+        assert time.monotonic() < deadline and slurm_cluster.state(job).get("JobState") in (
+            "PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:] if log.exists() else "no log"
+        time.sleep(0.05)
+    slurm_cluster.run("scontrol", "requeue", job)
+    rec = slurm_cluster.wait(job, timeout=300, until=lambda st: (
+        st.get("JobState") == "COMPLETED" and st.get("Restarts") == "1")
+        or st.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"))
+    text = log.read_text(errors="replace")
+    assert rec.get("JobState") == "COMPLETED" and rec.get("Restarts") == "1", text[-4000:]
+    stop = re.findall(r"preempted at step (\d+) of (\d+)", text)
+    assert len(stop) == 1, text[-4000:]
+    k = int(stop[0][0])
+    assert 3 <= k < steps and f"resuming from {out}/checkpoint-{k}" in text, text[-4000:]
+    assert (out / f"checkpoint-{k}" / COMPLETE_MARKER).is_file()
+    assert json.loads((out / "train_metrics.json").read_text())["global_step"] == steps
+    assert [int(s) for s, _, _ in logged_steps(text)] == list(range(1, steps + 1))
+    figure(f"SIGTERM with W&B on (scontrol requeue): checkpoint-{k} written, resumed, finished at step {steps}")
+
+
 def _rank_pid(job: str, rank: int) -> int | None:
     """The pid of the trainer process with this global rank in this job (all nodes live on this host)."""
     for proc in Path("/proc").iterdir():

@@ -308,7 +308,8 @@ def test_auto_micro_batch_equals_the_explicit_one(tiny, tmp_path):
     auto = run("auto", micro_batch_size="auto")
     small = run("small", micro_batch_size="auto", micro_batch_tokens=80)
     shutil.copytree(tmp_path / "auto" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
-    resumed = run("resumed", micro_batch_size="auto")
+    # a checkpoint copied into a fresh folder has no run record: continue it deliberately (training.resume=force)
+    resumed = run("resumed", micro_batch_size="auto", resume="force")
     assert resumed["resumed_from"].endswith("checkpoint-5") and resumed["global_step"] == 6
     assert explicit["gradient_accumulation_steps"] == 4 and explicit["micro_batch_size"] == 2
     assert auto["gradient_accumulation_steps"] == 1 and auto["micro_batch_tokens"] == 4096

@@ -188,7 +188,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         raise RecipeError(f"{len(train_dataset)} training rows for {s.world_size} processes: every process needs "
                           "at least one row; use fewer processes or more data")
     moved = run_record.check_world_size(plan, world_size=s.world_size, train_rows=len(train_dataset),
-                                        global_batch=r.batch.global_batch_size, packing=recipe.data.packing)
+                                        global_batch=recipe.training.global_batch_size, packing=recipe.data.packing)
 
     if is_main:
         for line in run_record.record(plan, world_size=s.world_size) + ([moved] if moved else []):

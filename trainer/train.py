@@ -276,9 +276,10 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     if samples and is_main:
         after = generate.answers(trainer.model, tokenizer, recipe, samples)
         result["samples"] = [{"prompt": p, "before": x, "after": y} for p, x, y in zip(samples, before, after)]
+        print("[scalesft] sample answers, before -> after training:", flush=True)
         for row in result["samples"]:
-            print(f"[scalesft] Q: {row['prompt']}\n  before: {_one_line(row['before'])}\n"
-                  f"  after:  {_one_line(row['after'])}", flush=True)
+            print(f"  Q {row['prompt']}  ·  before: {_one_line(row['before'], 40)}  ·  after: "
+                  f"{_one_line(row['after'])}", flush=True)
     if is_main:
         metrics.write(out / "train_metrics.json", result)
         preemption.write_status(f"completed step={result['global_step']}")

@@ -76,6 +76,12 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def one_line(text: str, limit: int = 160) -> str:
+    """Whitespace folded, cut to `limit` characters with an ellipsis. Pure."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def step_line(step: int, max_steps: int, logs: dict, elapsed: float, start_step: int = 0) -> str:
     """One fixed human line per logged step: step, loss, lr, tokens/s, memory, ETA. Pure."""
     width = len(str(max_steps))

@@ -17,6 +17,7 @@ section + the tokenizer + CODE_VERSION.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -557,9 +558,17 @@ class DataReport:
 
 # ---------------------------------------------------------------- cache keys
 
-def file_digest(path: Path) -> str:
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes; computed once per process for the same (path, size, mtime): the run record
+    (trainer/resume.py) and the tokenisation cache key both need it, and a large data file is read once."""
+    st = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()

@@ -60,12 +60,10 @@ SAMPLE = 1 << 20
 
 # ---------------------------------------------------------------- fingerprints
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    from .data import file_digest  # one hashing function, memoised: the data cache key reads the same file
+
+    return file_digest(path)
 
 
 def _sampled_sha256(paths: list[Path]) -> str:

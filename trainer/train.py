@@ -278,8 +278,8 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         result["samples"] = [{"prompt": p, "before": x, "after": y} for p, x, y in zip(samples, before, after)]
         print("[scalesft] sample answers, before -> after training:", flush=True)
         for row in result["samples"]:
-            print(f"  Q {row['prompt']}  ·  before: {_one_line(row['before'], 40)}  ·  after: "
-                  f"{_one_line(row['after'])}", flush=True)
+            print(f"  Q {row['prompt']}  ·  before: {console.one_line(row['before'], 40)}  ·  after: "
+                  f"{console.one_line(row['after'])}", flush=True)
     if is_main:
         metrics.write(out / "train_metrics.json", result)
         preemption.write_status(f"completed step={result['global_step']}")
@@ -288,11 +288,6 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
             print(f"[scalesft] {line}", flush=True)
     _finish_wandb(recipe)
     return result
-
-
-def _one_line(text: str, limit: int = 160) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _finish_wandb(recipe: Recipe) -> None:

@@ -76,6 +76,8 @@ VARIANTS: dict[str, dict] = {
     "scalesft-nockpt": dict(engine="scalesft", overrides=["training.gradient_checkpointing=false"]),
     "scalesft-pack": dict(engine="scalesft", overrides=["data.packing=true"]),
     "scalesft-dq": dict(engine="scalesft", overrides=["quantization.double_quant=true"]),
+    "scalesft-noliger": dict(engine="scalesft", overrides=["model.liger_kernel=false"]),
+    "scalesft-r16": dict(engine="scalesft", r=16, overrides=["lora.r=16", "lora.alpha=32"]),
 }
 DEFAULT_SUITE = ["seeds@4", "scalesft@16"]  # same global batch (16): seeds 4 x 4 accumulation, scalesft 16 x 1
 

@@ -63,6 +63,14 @@ def varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
+def load_model_attention(attn: str) -> str:
+    """The attention implementation from_pretrained gets for the resolved one: sdpa becomes sdpa_varlen (registered
+    here) where torch's varlen kernel runs on this machine."""
+    if attn == "sdpa" and varlen_available():
+        return register_varlen_attention()
+    return attn
+
+
 def _varlen(q, k, v, cu, max_len: int, scale):
     """q (T, Hq, D), k/v (T, Hkv, D), cu (N+1,) int32 -> (T, Hq, D), causal within each sequence."""
     import inspect
@@ -147,9 +155,7 @@ def load_model(cfg: ModelConfig, q: QuantizationConfig, *, dtype: str, attn: str
     import torch
     from transformers import AutoModelForCausalLM
 
-    if attn == "sdpa" and varlen_available():
-        attn = register_varlen_attention()
-
+    attn = load_model_attention(attn)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=getattr(torch, dtype),
                   attn_implementation=attn)
     if q.bits:

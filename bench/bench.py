@@ -18,7 +18,7 @@ Every variant runs in its own subprocess (clean peak memory, no monkeypatch leak
 same rows: fixed length (every row `--seq` tokens) or variable length (lognormal, median ~250, clipped to
 [50, seq], like Korean Q/A). Reported per variant: useful (non-pad) tokens/s over the timed steps (step 4 on),
 seconds per optimizer step, peak allocated/reserved memory, MFU with the LoRA-correct FLOP count
-(trainer/flops.py), the loss per step, and the ratio to the seeds' recipe on the same data. Results go to
+(core/flops.py), the loss per step, and the ratio to the seeds' recipe on the same data. Results go to
 DIR/results.json (one object per variant) and DIR/results.md (the table).
 
 Variants `seeds*` and `hf-*` build the model with transformers' Trainer as the seeds do (the knobs are the
@@ -170,7 +170,7 @@ def make(path: str, tiny: bool = False) -> None:
     """Build the random-init checkpoint (on the GPU when there is one) and a small tokenizer beside it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from trainer.tiny import build_tokenizer, korean_qa_rows
+    from scalesft.trainer.tiny import build_tokenizer, korean_qa_rows
     t = time.time()
     tok = build_tokenizer([f"{r['question']} {r['answer']}" for r in korean_qa_rows(200)])
     shape = dict(LLAMA31_8B)
@@ -201,7 +201,7 @@ def _load_hf(path: str, v: dict, device_map):
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     attn = "sdpa"
     if v.get("varlen"):
-        from trainer.model import register_varlen_attention
+        from scalesft.trainer.model import register_varlen_attention
         attn = register_varlen_attention()
     kw = dict(dtype=dtype, attn_implementation=attn, device_map=device_map)
     if v["quant"] == "nf4":
@@ -244,7 +244,7 @@ def run(spec: dict) -> dict:
     """Train one variant; return its measurements."""
     import torch
     from transformers import TrainerCallback
-    from trainer import flops as F
+    from scalesft.core import flops as F
 
     v = {**SEEDS, **VARIANTS.get(spec["variant"], {}), **spec.get("knobs", {})}
     cuda = torch.cuda.is_available()
@@ -312,8 +312,8 @@ def run(spec: dict) -> dict:
         model_desc = "transformers.Trainer (seeds' code path)"
     else:
         from datasets import Dataset
-        from trainer.config import recipe_from_dict
-        from trainer.train import train
+        from scalesft.core.recipe import recipe_from_dict
+        from scalesft.trainer.train import train
         raw = json.loads(json.dumps(SCALESFT_RECIPE))
         raw["model"]["name_or_path"] = path
         raw["data"].update(path="unused-bench-passes-rows", max_seq_length=seq)
@@ -321,7 +321,7 @@ def run(spec: dict) -> dict:
                                global_batch_size=gbs, max_steps=steps)
         if not cuda:
             raw["training"]["precision"] = "fp32"
-        from trainer.config import apply_overrides
+        from scalesft.core.recipe import apply_overrides
         raw = apply_overrides(raw, list(v.get("overrides", [])) + list(spec.get("overrides", [])))
         recipe = recipe_from_dict(raw)
         ds = Dataset.from_dict({"input_ids": rows, "labels": rows})
@@ -530,7 +530,7 @@ def smoke(out: str | None = None, variants: str = "seeds,scalesft") -> list[dict
 def user_path(args) -> dict:
     """The user's path, beside the harness: `scalesft train` of a shipped recipe, unchanged but for the model and
     data paths (and max_steps), on Korean question/answer rows written as JSONL; its own train_metrics.json."""
-    from trainer.tiny import korean_qa_rows
+    from scalesft.trainer.tiny import korean_qa_rows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -540,7 +540,7 @@ def user_path(args) -> dict:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     work = out / "work" / "user"
     shutil.rmtree(work, ignore_errors=True)
-    cmd = [sys.executable, "-m", "launch.cli", "train", str(ROOT / args.recipe), f"model.name_or_path={args.model}",
+    cmd = [sys.executable, "-m", "scalesft.launch.cli", "train", str(ROOT / args.recipe), f"model.name_or_path={args.model}",
            f"data.path={data}", f"training.output_dir={work}", f"training.max_steps={args.steps}",
            "training.save_steps=100000", "training.logging_steps=1", *(args.override or [])]
     t = time.time()

@@ -38,20 +38,20 @@ VERBS = ["좋아요", "어렵습니다", "재미있어요", "중요합니다", "
 
 def tokenizer_path(name: str, work: Path) -> str:
     if name == "tiny":
-        from trainer.tiny import build
+        from scalesft.trainer.tiny import build
 
         model_dir, _ = build(work / "tiny", rows=4)
         return str(model_dir)
-    from trainer.assets import builtin_model
+    from scalesft.trainer.assets import builtin_model
 
     return str(builtin_model("smollm2-135m-instruct"))
 
 
 def make_rows(path: Path, rows: int, tok_path: str, target_tokens: int = 150, seed: int = 0) -> dict:
     """JSONL rows whose ko-qa encoding averages ~target_tokens tokens (answer clause count calibrated)."""
-    from trainer.config import DataConfig, ModelConfig
-    from trainer.data import encode
-    from trainer.model import load_tokenizer
+    from scalesft.core.recipe import DataConfig, ModelConfig
+    from scalesft.trainer.data import encode
+    from scalesft.trainer.model import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name_or_path=tok_path))
     cfg = DataConfig(path="x.jsonl", max_seq_length=1024)
@@ -83,9 +83,9 @@ def child(args) -> None:
     """One process of a run: prepare() as the local main process or as a waiting rank."""
     import resource
 
-    from trainer.config import DataConfig, ModelConfig
-    from trainer.data import prepare
-    from trainer.model import load_tokenizer
+    from scalesft.core.recipe import DataConfig, ModelConfig
+    from scalesft.trainer.data import prepare
+    from scalesft.trainer.model import load_tokenizer
 
     t0 = time.perf_counter()
     tok = load_tokenizer(ModelConfig(name_or_path=args.tokenizer_path))

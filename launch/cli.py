@@ -19,17 +19,17 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
-    from launch.run import launcher_requested, train_cli
+    from scalesft.launch.run import launcher_requested, train_cli
 
     if launcher_requested(args):  # any of --gpus/--strategy/--device/--port/--accelerate-config/--dry-run
         return train_cli(args)   # through accelerate launch (1 process unless --gpus), where each option acts
-    from trainer.train import main as train_main
+    from scalesft.trainer.train import main as train_main
 
     return train_main([args.recipe, *args.overrides, *(["--verbose"] if args.verbose else [])])
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from trainer.generate import answer, load_trained
+    from scalesft.trainer.generate import answer, load_trained
 
     model, tokenizer, recipe = load_trained(args.output_dir, trust_remote_code=args.trust_remote_code)
     answer(model, tokenizer, recipe, args.prompt, max_new_tokens=args.max_new_tokens, stream=True,
@@ -38,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from trainer.generate import answer, load_trained
+    from scalesft.trainer.generate import answer, load_trained
 
     model, tokenizer, recipe = load_trained(args.output_dir, trust_remote_code=args.trust_remote_code)
     print("scalesft chat: type a question, an empty line or Ctrl-D to quit.\n> ", end="", flush=True)
@@ -53,7 +53,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from trainer.generate import merge
+    from scalesft.trainer.generate import merge
 
     merged = merge(args.output_dir, args.merged_dir, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {merged}")
@@ -67,7 +67,7 @@ def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from trainer.config import OneLineArgumentParser
+    from scalesft.core.errors import OneLineArgumentParser
 
     p = OneLineArgumentParser(prog="scalesft", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,19 +75,19 @@ def make_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=10")
-    from launch.run import add_launch_options
+    from scalesft.launch.run import add_launch_options
 
     add_launch_options(t)
     t.add_argument("--verbose", action="store_true",
                    help="keep third-party warnings and progress bars; print the resolved recipe")
     t.set_defaults(func=_train)
 
-    from launch.plan import add_plan_arguments, plan_cli
+    from scalesft.launch.plan import add_plan_arguments, plan_cli
 
     pl = sub.add_parser("plan", help="micro batch, accumulation, precision, QLoRA settings, command per world size")
     add_plan_arguments(pl).set_defaults(func=plan_cli)
 
-    from launch.slurm import add_arguments as add_slurm_arguments, run_cli as slurm_cli
+    from scalesft.launch.slurm import add_arguments as add_slurm_arguments, run_cli as slurm_cli
 
     sl = sub.add_parser("slurm", help="render (--dry-run) or submit (--submit) slurm/train.sh for N nodes x G GPUs")
     add_slurm_arguments(sl)
@@ -113,7 +113,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import RecipeError
+    from scalesft.core.recipe import RecipeError
 
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from trainer.console import VERBOSE_ENV, quiet
+    from scalesft.trainer.console import VERBOSE_ENV, quiet
 
     if getattr(args, "verbose", False):
         os.environ[VERBOSE_ENV] = "1"  # also for the processes accelerate launch starts

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from typing import Any
 
-from launch.batch import BatchError, nearest_global_batches, repeated_rows_per_epoch, steps_per_epoch
-from launch.memory import DEFAULT_GPU_GIB, choose_batching, plan_memory
-from launch.preflight import check_rows, count_rows, train_rows
-from launch.render import LaunchError, render_launch
-from launch.strategy import STRATEGIES, checkpointing_label, get_strategy, planned_precision, resolve_qlora
+from scalesft.core.batch import BatchError, nearest_global_batches, repeated_rows_per_epoch, steps_per_epoch
+from scalesft.core.hardware import precision as resolve_precision
+from scalesft.core.memory import DEFAULT_GPU_GIB, choose_batching, plan_memory
+from scalesft.core.strategy import DTYPES, STRATEGIES, get_strategy, layout
+from scalesft.launch.preflight import check_rows, count_rows, train_rows, planned_hardware_here
+from scalesft.launch.render import LaunchError, render_launch
 
 
 def _nearest_global(recipe, world: int) -> list[int]:
@@ -41,15 +41,18 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
     """One dict per world size; a world size that cannot run the recipe gets an entry with "error" (and the
     nearest valid global batches) instead of stopping the others. Raises StrategyError / LaunchError on
     input that no world size can fix."""
+    from scalesft.trainer.assets import model_shape
+
     spec = get_strategy(strategy)
     t, q = recipe.training, recipe.quantization
-    precision = planned_precision(t.precision, cpu)
-    qlora = resolve_qlora(strategy=strategy, bits=q.bits, compute_dtype=q.compute_dtype, precision=precision,
-                          gradient_checkpointing=t.gradient_checkpointing)
+    gpu_gib = None if cpu else (gpu_memory_gib or DEFAULT_GPU_GIB)
+    hw = planned_hardware_here(cpu=cpu, gpu_memory_gib=gpu_gib)
+    precision = resolve_precision(t.precision, hw)
+    shape = model_shape(recipe.model.name_or_path)
+    layout_of = {w: layout_for(recipe, strategy, w, hw, precision) for w in {n * g for n in nodes for g in gpus_per_node}}
     rows = count_rows(recipe.data.path)
     n_train = None if rows is None else train_rows(rows, limit=recipe.data.limit,
                                                   eval_fraction=recipe.data.eval_fraction)
-    gpu_gib = None if cpu else (gpu_memory_gib or DEFAULT_GPU_GIB)
     L = recipe.data.max_seq_length
     entries = []
     for n in nodes:
@@ -57,7 +60,7 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
             world = n * g
             head = {"world_size": world, "nodes": n, "gpus_per_node": g, "strategy": strategy}
             try:
-                batching = choose_batching(recipe, strategy=strategy, world_size=world, precision=precision,
+                batching = choose_batching(recipe, shape, strategy=strategy, world_size=world, precision=precision,
                                            gpu_gib=gpu_gib)
                 if n_train is not None:
                     check_rows(n_train, world, where=f"the training set ({recipe.data.path})")
@@ -97,16 +100,28 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
                 "optimizer_steps": total,
                 "precision": precision,
                 "gpu_memory_gib": gpu_gib,
-                "gradient_checkpointing": checkpointing_label(qlora.gradient_checkpointing_reentrant),
-                "qlora": {**asdict(qlora), "quant_type": q.quant_type if q.bits == 4 else None,
-                          "double_quant": q.double_quant if q.bits == 4 else None},
+                "layout": layout_of[world].fields(),
+                "layout_notes": list(layout_of[world].notes),
+                "quantization": {"bits": q.bits, "quant_type": q.quant_type if q.bits == 4 else None,
+                                 "double_quant": q.double_quant if q.bits == 4 else None,
+                                 "compute_dtype": (DTYPES[precision] if q.compute_dtype == "auto" else
+                                                   q.compute_dtype) if q.bits else None},
                 "strategy_summary": spec.summary,
-                "memory": (memory := plan_memory(recipe, strategy=strategy, world_size=world,
+                "memory": (memory := plan_memory(recipe, shape, strategy=strategy, world_size=world,
                                                  precision=precision, tokens=tokens)),
                 "memory_unavailable": None if memory else _no_memory_reason(recipe, precision),
                 "command": cmd.shell(), "argv": cmd.argv, "env": cmd.env,
             })
     return entries
+
+
+def layout_for(recipe, strategy: str, world: int, hw, precision: str):
+    """core.strategy.layout for this recipe: the same call the trainer makes (trainer/distributed.py)."""
+    q, lo = recipe.quantization, recipe.lora
+    return layout(strategy=strategy, world_size=world, hw=hw, precision=precision, bits=q.bits,
+                  compute_dtype=q.compute_dtype, gradient_checkpointing=recipe.training.gradient_checkpointing,
+                  attn_implementation=recipe.model.attn_implementation, lora_dropout=lo.dropout,
+                  use_dora=lo.use_dora)
 
 
 def _micro(e: dict[str, Any]) -> str:
@@ -149,15 +164,17 @@ def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
         src = next(e for e in ok if e["micro_batch_auto"])["micro_batch_tokens_from"]
         lines.append("micro batch: auto, the largest row count that divides global / world and whose rows fit the "
                      f"token budget of {src} (padded or packed rows)")
-    q = e0["qlora"]
-    lines.append(f"precision {e0['precision']} · gradient checkpointing {e0['gradient_checkpointing']}")
+    q, lay = e0["quantization"], e0["layout"]
+    lines.append(f"precision {e0['precision']} · gradient checkpointing {lay['checkpointing']} · attention "
+                 f"{lay['attention']} · LoRA forward {lay['lora']}")
+    placement = ('{"": local_rank}' if lay["device_map"] == "local_rank" else "none (the strategy places weights)")
     if q["bits"] is None:
-        lines.append("quantization: none (LoRA on unquantized weights)")
+        lines.append(f"quantization: none (LoRA on unquantized weights) · device_map {placement}")
     else:
         quant = f"{q['bits']}-bit" + (f" {q['quant_type']}, double quant {q['double_quant']}" if q["bits"] == 4 else "")
-        placement = ('{"": local_rank}' if q["device_map"] == "local_rank" else "none (the strategy places weights)")
-        lines.append(f"QLoRA: {quant}, compute dtype {q['compute_dtype']}, quant storage {q['quant_storage']}, "
+        lines.append(f"QLoRA: {quant}, compute dtype {q['compute_dtype']}, quant storage {lay['quant_storage']}, "
                      f"device_map {placement}")
+    lines += e0["layout_notes"]
     if e0["train_rows"] is None:
         lines.append("steps per epoch: unknown until the data loads (not a local file)")
     for e in ok:
@@ -170,7 +187,7 @@ def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
             ck = "on" if m["recipe_checkpointing"] else "off"
             lines.append(f"predicted peak memory per GPU at world size {e['world_size']}: "
                          f"{m['peak_gib_checkpointing']} GiB with activation checkpointing, "
-                         f"{m['peak_gib_no_checkpointing']} GiB without (recipe: {ck}; launch/memory.py)")
+                         f"{m['peak_gib_no_checkpointing']} GiB without (recipe: {ck}; core/memory.py)")
     if e0.get("memory_unavailable"):
         lines.append(f"predicted peak memory: {e0['memory_unavailable']}")
     for e in ok:
@@ -219,7 +236,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    from trainer.config import load_recipe
+    from scalesft.core.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides, nodes=args.nodes or [1],
@@ -244,7 +261,7 @@ def _local_gpu_gib() -> float | None:
 
 
 def plan_cli(args: argparse.Namespace) -> int:
-    from launch.run import one_line_errors
+    from scalesft.launch.run import one_line_errors
 
     if not args.json:
         return one_line_errors("scalesft plan", plan_command, args)
@@ -255,7 +272,7 @@ def plan_cli(args: argparse.Namespace) -> int:
     out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            from trainer.config import load_recipe
+            from scalesft.core.recipe import load_recipe
 
             recipe = load_recipe(args.recipe, args.overrides)
             entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides,

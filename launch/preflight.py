@@ -13,7 +13,7 @@ import math
 import socket
 from pathlib import Path
 
-from launch.render import LaunchError
+from scalesft.launch.render import LaunchError
 
 
 def check_port(port: int, host: str = "") -> None:
@@ -69,3 +69,25 @@ def check_rows(rows: int, world_size: int, *, where: str = "the training set") -
     if rows < world_size:
         raise LaunchError(f"{where} has {rows} rows but the launch starts {world_size} processes: every "
                           f"process needs at least one row; use at most {max(rows, 1)} processes or more data")
+
+
+def planned_hardware_here(*, cpu: bool, gpu_memory_gib: float | None = None):
+    """The machine a plan or launch is for (core.strategy.planned_hardware) with this machine's packages: which
+    fast paths are installed and their versions, read from package metadata (torch is not imported)."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    from scalesft.core.strategy import planned_hardware
+
+    versions: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "peft"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    torch_release = tuple(int(p) for p in (versions["torch"] or "0.0").split("+")[0].split(".")[:2] if p.isdigit())
+    return planned_hardware(cpu=cpu, flash_attn=importlib.util.find_spec("flash_attn") is not None,
+                            liger=importlib.util.find_spec("liger_kernel") is not None,
+                            varlen_kernel=torch_release >= (2, 10),  # torch.nn.attention.varlen
+                            bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+                            versions=versions, gpu_memory_gib=gpu_memory_gib)

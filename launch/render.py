@@ -20,7 +20,12 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.strategy import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR, get_strategy
+from scalesft.core.strategy import get_strategy
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The scalesft checkout: the shipped configs live beside the code."""
+ACCELERATE_CONFIG_DIR = ROOT / "accelerate_configs"
+DS_CONFIG_DIR = ROOT / "ds_configs"
 
 
 class LaunchError(ValueError):
@@ -35,11 +40,13 @@ class LaunchCommand:
 
     def shell(self) -> str:
         """The command as one copy-pasteable shell line (for printing only; never executed as a string), with
-        secrets (secret environment values, Hugging Face tokens: trainer/config.py redact_text) as ***."""
-        from trainer.config import redact_text
+        secrets (secret environment values, Hugging Face tokens: core/secrets.py redact_text) as ***."""
+        import os
+
+        from scalesft.core.secrets import redact_text
 
         prefix = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
-        return redact_text(" ".join(prefix + [shlex.quote(a) for a in self.argv]))
+        return redact_text(" ".join(prefix + [shlex.quote(a) for a in self.argv]), os.environ)
 
 
 def accelerate_config_path(strategy: str, override: str | Path | None = None) -> Path:
@@ -56,7 +63,7 @@ def render_launch(*, recipe: str | Path, overrides: list[str] | tuple[str, ...] 
                   main_process_ip: str | None = None, main_process_port: int = 29500, cpu: bool = False,
                   threads_per_process: int | None = None, accelerate_config: str | Path | None = None,
                   ds_config: str | Path | None = None, accelerate: str = "accelerate",
-                  module: str = "trainer.train") -> LaunchCommand:
+                  module: str = "scalesft.trainer.train") -> LaunchCommand:
     """The command that starts `num_processes` processes in all (over `num_machines` machines) running
     `python -m {module} RECIPE OVERRIDES...` under `strategy`.
 
@@ -88,10 +95,7 @@ def render_launch(*, recipe: str | Path, overrides: list[str] | tuple[str, ...] 
 
     env: dict[str, str] = {}
     if cpu:
-        if spec.zero_stage is None:
-            env["ACCELERATE_USE_CPU"] = "true"   # DDP and FSDP2: gloo process group on the torchrun path
-        else:
-            env["DS_ACCELERATOR"] = "cpu"        # DeepSpeed: its CPU accelerator; gloo comes from the trainer
+        env.update(spec.cpu_env)  # core/strategy.py: what this strategy's processes need on CPU (gloo)
         if threads_per_process is not None:
             env["OMP_NUM_THREADS"] = str(max(1, threads_per_process))
     return LaunchCommand(argv=argv, env=env)

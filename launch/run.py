@@ -16,10 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.memory import choose_batching
-from launch.preflight import check_port, check_rows, count_rows, train_rows
-from launch.render import LaunchCommand, render_launch
-from launch.strategy import STRATEGIES, planned_precision, resolve_qlora
+from scalesft.core.hardware import precision as resolve_precision
+from scalesft.core.memory import choose_batching
+from scalesft.core.strategy import STRATEGIES
+from scalesft.launch.preflight import check_port, check_rows, count_rows, planned_hardware_here, train_rows
+from scalesft.launch.render import LaunchCommand, render_launch
 
 
 DEFAULT_PORT = 29500
@@ -51,7 +52,7 @@ def execute(cmd: LaunchCommand, *, cwd: str | Path | None = None) -> int:
 
 def prepare_train(args: argparse.Namespace) -> LaunchCommand:
     """All pre-launch checks, then the command. Raises a ValueError subclass with one line on bad input."""
-    from trainer.config import load_recipe
+    from scalesft.core.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     world = 1 if args.gpus is None else args.gpus
@@ -61,12 +62,14 @@ def prepare_train(args: argparse.Namespace) -> LaunchCommand:
     device = args.device or "auto"
     port = DEFAULT_PORT if args.port is None else args.port
     cpu = device == "cpu" or (device == "auto" and not _cuda_available())
-    choose_batching(recipe, strategy=strategy, world_size=world,  # the batch math (micro_batch_size auto too)
-                    precision=planned_precision(recipe.training.precision, cpu))
-    resolve_qlora(strategy=strategy, bits=recipe.quantization.bits,
-                  compute_dtype=recipe.quantization.compute_dtype,
-                  precision=planned_precision(recipe.training.precision, cpu),
-                  gradient_checkpointing=recipe.training.gradient_checkpointing)
+    from scalesft.launch.plan import layout_for
+    from scalesft.trainer.assets import model_shape
+
+    hw = planned_hardware_here(cpu=cpu)
+    prec = resolve_precision(recipe.training.precision, hw)
+    layout_for(recipe, strategy, world, hw, prec)  # strategy vs quantization, before any process starts
+    choose_batching(recipe, model_shape(recipe.model.name_or_path), strategy=strategy, world_size=world,
+                    precision=prec)  # the batch math (micro_batch_size auto too)
     rows = count_rows(recipe.data.path)
     if rows is not None:
         check_rows(train_rows(rows, limit=recipe.data.limit, eval_fraction=recipe.data.eval_fraction), world,

@@ -5,7 +5,7 @@
 
 `render_sbatch` is pure: it returns the sbatch argv and the variables to add to the environment; `submit` is
 the one place that runs it. The template reads the variables (SCALESFT_*) in the batch step, and calls
-`python -m launch.slurm preflight` there to check the allocation against them before any node starts.
+`python -m scalesft.launch.slurm preflight` there to check the allocation against them before any node starts.
 No torch import here.
 """
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from launch.batch import BatchError
-from launch.render import LaunchCommand
-from launch.run import run_command
+from scalesft.core.batch import BatchError
+from scalesft.launch.render import LaunchCommand
+from scalesft.launch.run import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "slurm" / "train.sh"
@@ -206,7 +206,7 @@ def preflight(recipe_path: str, overrides: list[str], env: Mapping[str, str] | N
               gpus: int | None = None) -> tuple[Allocation, list[str]]:
     """The checks the batch step runs before it starts any node: (allocation, warnings). Raises RecipeError or
     SlurmError."""
-    from trainer.config import RecipeError, load_recipe
+    from scalesft.core.recipe import RecipeError, load_recipe
 
     env = os.environ if env is None else env
     if not Path(recipe_path).is_file():
@@ -238,10 +238,10 @@ def dry_run(cmd: SbatchCommand) -> str:
                     cwd=cmd.env.get("SCALESFT_HOME"))
     if p.returncode:
         raise SlurmError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"template failed ({p.returncode})")
-    from trainer.config import redact_text
+    from scalesft.core.secrets import redact_text
 
     return (f"# submit:\n{cmd.shell()}\n# the batch step then runs (on a {cmd.env['SCALESFT_NODES']}-node "
-            f"allocation):\n{redact_text(p.stderr + p.stdout)}")
+            f"allocation):\n{redact_text(p.stderr + p.stdout, os.environ)}")
 
 
 def submit(cmd: SbatchCommand) -> str:
@@ -280,7 +280,7 @@ def add_arguments(p) -> None:
 
 def run_cli(args) -> int:
     """`scalesft slurm`: check, render, then print (--dry-run) or submit (--submit)."""
-    from launch.strategy import StrategyError
+    from scalesft.core.strategy import StrategyError
 
     try:
         return _run_cli(args)
@@ -311,9 +311,10 @@ def check_job_options(*, partition: str | None, time: str | None, nodes: int, gp
 
 
 def _run_cli(args) -> int:
-    from trainer.config import RecipeError, load_recipe
+    from scalesft.core.recipe import RecipeError, load_recipe
 
-    from launch.strategy import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR, get_strategy
+    from scalesft.launch.render import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR
+    from scalesft.core.strategy import get_strategy
 
     if not Path(args.recipe).is_file():
         raise RecipeError(f"recipe '{args.recipe}' does not exist: pass a path to a YAML recipe on a filesystem "
@@ -324,11 +325,14 @@ def _run_cli(args) -> int:
                       procs_per_node=args.procs_per_node)
     procs = args.procs_per_node or max(args.gpus_per_node, 1)
     try:
-        from launch.memory import choose_batching
-        from launch.strategy import planned_precision
+        from scalesft.core.hardware import precision
+        from scalesft.core.memory import choose_batching
+        from scalesft.launch.preflight import planned_hardware_here
+        from scalesft.trainer.assets import model_shape
 
-        choose_batching(recipe, strategy=args.strategy, world_size=args.nodes * procs,  # micro_batch_size auto too
-                        precision=planned_precision(recipe.training.precision, args.gpus_per_node == 0))
+        hw = planned_hardware_here(cpu=args.gpus_per_node == 0)
+        choose_batching(recipe, model_shape(recipe.model.name_or_path), strategy=args.strategy,  # auto too
+                        world_size=args.nodes * procs, precision=precision(recipe.training.precision, hw))
     except BatchError as e:
         raise SlurmError(f"{args.nodes} node(s) x {procs} process(es): {e}") from None
     check_output_dir(recipe.training.output_dir)
@@ -351,10 +355,10 @@ def _run_cli(args) -> int:
 
 
 def _preflight_main(argv: list[str]) -> int:
-    from trainer.config import RecipeError
+    from scalesft.core.recipe import RecipeError
 
     if not argv:
-        print("usage: python -m launch.slurm preflight RECIPE [overrides]", file=sys.stderr)
+        print("usage: python -m scalesft.launch.slurm preflight RECIPE [overrides]", file=sys.stderr)
         return 2
     try:
         alloc, warnings = preflight(argv[0], argv[1:])
@@ -370,5 +374,5 @@ def _preflight_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "preflight":
         sys.exit(_preflight_main(sys.argv[2:]))
-    print("usage: python -m launch.slurm preflight RECIPE [overrides]  (or: scalesft slurm --help)", file=sys.stderr)
+    print("usage: python -m scalesft.launch.slurm preflight RECIPE [overrides]  (or: scalesft slurm --help)", file=sys.stderr)
     sys.exit(2)

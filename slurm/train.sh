@@ -80,7 +80,7 @@ fi
 
 # Preflight on the batch node: the recipe loads, output_dir is writable, the allocation matches what was asked
 # for. Prints "PROCS_PER_NODE DEVICE" (DEVICE: gpu or cpu).
-plan=$("$SCALESFT_PYTHON" -m launch.slurm preflight "$recipe" "$@") || exit 2
+plan=$("$SCALESFT_PYTHON" -m scalesft.launch.slurm preflight "$recipe" "$@") || exit 2
 read -r procs device <<<"$plan"
 nodes=${SLURM_NNODES:-1}
 world=$((nodes * procs))
@@ -108,7 +108,7 @@ launch_args=(--config_file "$accelerate_config" --num_machines "$nodes" --num_pr
 node_cmd='trap "" USR1; [[ -r $SCALESFT_RECIPE ]] || { echo "scalesft-slurm: error: recipe $SCALESFT_RECIPE is not readable on node $SLURMD_NODENAME: put it on a filesystem every node mounts" >&2; exit 2; }; exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"'
 # shellcheck disable=SC2206
 srun_args=(srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 $SCALESFT_SRUN_ARGS)
-node_args=("$SCALESFT_PYTHON" "${launch_args[@]}" -m trainer.train "$recipe" "$@")
+node_args=("$SCALESFT_PYTHON" "${launch_args[@]}" -m scalesft.trainer.train "$recipe" "$@")
 step=("${srun_args[@]}" bash -c "$node_cmd" "${node_args[@]}")
 
 log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $procs process(es) ($device) = $world; main $main_host:$SCALESFT_MAIN_PORT; profile $profile"

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    from trainer.tiny import build
+    from scalesft.trainer.tiny import build
 
     root = tmp_path_factory.mktemp("tiny")
     model_dir, data_file = build(root, rows=64, seed=0)

@@ -17,7 +17,7 @@ import time
 
 from transformers import TrainerCallback
 
-import trainer.train as entry
+import scalesft.trainer.train as entry
 
 HANG_STEP = 2
 

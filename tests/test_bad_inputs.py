@@ -200,7 +200,7 @@ def _no_model_loading(monkeypatch):
     def trap(*a, **k):
         raise AssertionError("model weights were loaded before the error")
 
-    monkeypatch.setattr("trainer.model.load_model", trap)
+    monkeypatch.setattr("scalesft.trainer.model.load_model", trap)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", trap)
 
 
@@ -240,14 +240,14 @@ def _assert_one_line(rc, err: str, expected: str):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_line_before_anything_loads(name, tiny, tmp_path, capfd, monkeypatch):
-    from launch.cli import main as cli
-    from trainer.train import main as train_main
+    from scalesft.launch.cli import main as cli
+    from scalesft.trainer.train import main as train_main
 
     kind, argv, env, out, expected = _case(name, tmp_path, tiny)
     for k, v in env.items():
         monkeypatch.setenv(k, v) if v else monkeypatch.delenv(k, raising=False)
     if "HF_HUB_OFFLINE" in env:
-        from trainer import checks
+        from scalesft.trainer import checks
         monkeypatch.setattr(checks, "_HUB_STATE", {})
     _no_model_loading(monkeypatch)
     before = _snapshot(out)
@@ -264,8 +264,8 @@ def test_bad_input_is_one_line_before_anything_loads(name, tiny, tmp_path, capfd
 
 
 def test_json_with_a_bom_reads_like_csv_with_one(tmp_path):
-    from trainer.config import DataConfig
-    from trainer.data import read_rows
+    from scalesft.core.recipe import DataConfig
+    from scalesft.trainer.data import read_rows
 
     for name, text in (("bom.json", json.dumps(QA, ensure_ascii=False)),
                        ("bom.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in QA)),
@@ -285,7 +285,7 @@ def _subprocess(argv, env=None, drop_root_powers=False, cwd=REPO):
     prefix = []
     if drop_root_powers and os.geteuid() == 0:
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
-    return subprocess.run([*prefix, sys.executable, "-m", "launch.cli", *argv], env=full, cwd=cwd,
+    return subprocess.run([*prefix, sys.executable, "-m", "scalesft.launch.cli", *argv], env=full, cwd=cwd,
                           capture_output=True, text=True, timeout=240)
 
 
@@ -323,7 +323,7 @@ def test_unreadable_data_and_unwritable_output_dir(tiny, tmp_path):
 
 def test_recipe_yaml_keeps_its_other_meanings():
     """Duplicate keys are refused at any depth; everything else parses as yaml.safe_load does."""
-    from trainer.config import RecipeError, parse_yaml
+    from scalesft.core.recipe import RecipeError, parse_yaml
 
     text = "a: {b: 1, c: [1, 2]}\nd: 2e-4\n"
     assert parse_yaml(text) == yaml.safe_load(text)

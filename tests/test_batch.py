@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launch.batch import BatchError, plan_batch, steps_per_epoch
+from scalesft.core.batch import BatchError, plan_batch, steps_per_epoch
 
 sizes = st.integers(min_value=1, max_value=4096)
 worlds = st.integers(min_value=1, max_value=1024)
@@ -106,7 +106,7 @@ def test_empty_training_set():
 
 
 def test_repeated_rows_per_epoch():
-    from launch.batch import repeated_rows_per_epoch
+    from scalesft.core.batch import repeated_rows_per_epoch
 
     assert repeated_rows_per_epoch(64, 2, 2) == 0
     assert repeated_rows_per_epoch(64, 2, 3) == 2   # measured: 3 ranks see 66 rows in the first epoch
@@ -117,7 +117,7 @@ def test_repeated_rows_per_epoch():
 @given(rows=st.integers(min_value=1, max_value=10_000), micro=st.integers(min_value=1, max_value=16),
        world=st.integers(min_value=1, max_value=256))
 def test_repeated_rows_fill_exactly_whole_rounds(rows, micro, world):
-    from launch.batch import repeated_rows_per_epoch
+    from scalesft.core.batch import repeated_rows_per_epoch
 
     extra = repeated_rows_per_epoch(rows, micro, world)
     assert 0 <= extra < micro * world and (rows + extra) % (micro * world) == 0
@@ -125,8 +125,9 @@ def test_repeated_rows_fill_exactly_whole_rounds(rows, micro, world):
 
 # ---- micro_batch_size: auto --------------------------------------------------------------------------------
 
-from launch.batch import (TokenPlan, deal, epoch_layouts, epoch_steps, interleave, max_token_accumulation,  # noqa: E402
-                          nearest_global_batches, plan_auto_rows, plan_token_batches, split_rows)
+from scalesft.core.batch import (TokenPlan, deal, epoch_layouts, epoch_steps, interleave,  # noqa: E402
+                                 max_token_accumulation, nearest_global_batches, plan_auto_rows, plan_token_batches,
+                                 split_rows)
 
 MAX_LEN = 128
 
@@ -212,7 +213,7 @@ def test_interleaved_batches_reach_each_rank_through_accelerate():
 
     from accelerate.data_loader import BatchSamplerShard
 
-    from trainer.batching import TokenBatchSampler, row_order
+    from scalesft.trainer.batching import TokenBatchSampler, row_order
 
     rng = random.Random(1)
     lengths = [rng.choice([8, 16, 120, 128]) for _ in range(50)]
@@ -236,7 +237,7 @@ def test_interleaved_batches_reach_each_rank_through_accelerate():
 def test_auto_plans_at_every_world_size(world):
     """Token micro-batches hold any global batch >= world; padded rows need global % world == 0, and then the
     micro batch is the largest divisor of global / world that fits."""
-    from launch.batch import plan_auto_rows
+    from scalesft.core.batch import plan_auto_rows
 
     for global_batch in (1, 8, 12, 32, 48, 64, 100):
         if global_batch < world:

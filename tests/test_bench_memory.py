@@ -1,10 +1,10 @@
-"""The peak-memory estimate (launch/memory.py) against peaks measured on an H100 (bench/runs/*.json), and the
-LoRA-correct FLOP count (trainer/flops.py). Pure arithmetic: no torch, milliseconds."""
+"""The peak-memory estimate (core/memory.py) against peaks measured on an H100 (bench/runs/*.json), and the
+LoRA-correct FLOP count (core/flops.py). Pure arithmetic: no torch, milliseconds."""
 
 import pytest
 
-from launch.memory import GiB, choose_checkpointing, estimate
-from trainer.flops import Shape, mfu, peak_tflops, train_flops
+from scalesft.core.memory import GiB, choose_checkpointing, estimate
+from scalesft.core.flops import Shape, mfu, peak_tflops, train_flops
 
 LLAMA_8B = Shape(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256)
@@ -70,8 +70,8 @@ def test_lora_flops_llama8b():
 def test_scalesft_plan_shows_the_estimate(tmp_path):
     import json
 
-    from launch.plan import format_plan, plan_entries
-    from trainer.config import recipe_from_dict
+    from scalesft.launch.plan import format_plan, plan_entries
+    from scalesft.core.recipe import recipe_from_dict
 
     model = tmp_path / "llama8b"
     model.mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import RecipeError, load_recipe, recipe_from_dict
+from scalesft.core.recipe import RecipeError, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"model": {"name_or_path": "m"}, "data": {"path": "d.json"}, "training": {"output_dir": "o"}}
@@ -21,13 +21,13 @@ def with_(section: str, **values) -> dict:
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(recipe: Path):
-    from launch.memory import choose_batching
+    from scalesft.core.memory import choose_batching
 
     r = load_recipe(recipe)
     assert r.training.micro_batch_size == "auto"  # the planner chooses; the global batch is the recipe's
     for world in (1, 2, 4, 8, 16, 32):  # plans wherever the global batch holds one row per process
         if r.training.global_batch_size >= world:
-            b = choose_batching(r, strategy="ddp", world_size=world, precision="bf16")
+            b = choose_batching(r, None, strategy="ddp", world_size=world, precision="bf16")
             assert b.global_batch_size == r.training.global_batch_size and b.micro_batch_tokens >= \
                 r.data.max_seq_length
     assert r.model.trust_remote_code is False  # only when a recipe asks; none of ours needs it
@@ -79,9 +79,9 @@ def test_missing_recipe_file():
 
 
 def test_saved_recipes_hide_secrets_but_keep_token_counts():
-    from trainer.config import redacted
+    from scalesft.core.secrets import redacted
 
     out = redacted({"training": {"micro_batch_tokens": 4096, "hf_token": "hf_x", "wandb_api_key": "k",
-                                 "client_secret": "s", "password": "p", "token": "t", "max_tokens": 3}})
+                                 "client_secret": "s", "password": "p", "token": "t", "max_tokens": 3}}, {})
     assert out == {"training": {"micro_batch_tokens": 4096, "hf_token": "***", "wandb_api_key": "***",
                                 "client_secret": "***", "password": "***", "token": "***", "max_tokens": 3}}

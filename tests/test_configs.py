@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from launch.strategy import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR, ROOT, STRATEGIES
+from scalesft.launch.render import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR, ROOT
+from scalesft.core.strategy import STRATEGIES
 
 ACCELERATE_FILES = sorted(ACCELERATE_CONFIG_DIR.glob("*.yaml"))
 DS_FILES = sorted(DS_CONFIG_DIR.glob("*.json"))

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from trainer import templates
-from trainer.config import DataConfig, RecipeError
-from trainer.data import IGNORE, check_rows, encode, read_rows, tokenize
+from scalesft.core import templates
+from scalesft.core.recipe import DataConfig, RecipeError
+from scalesft.trainer.data import IGNORE, check_rows, encode, read_rows, tokenize
 
 
 @pytest.fixture(scope="module")
 def tok(tiny):
-    from trainer.model import load_tokenizer
-    from trainer.config import ModelConfig
+    from scalesft.trainer.model import load_tokenizer
+    from scalesft.core.recipe import ModelConfig
 
     return load_tokenizer(ModelConfig(name_or_path=str(tiny["model"])))
 
@@ -39,7 +39,7 @@ def test_qa_mask_covers_exactly_answer_and_eos(tok):
     assert labels == [IGNORE] * len(prompt_ids) + answer_ids + [tok.eos_token_id]
     assert not truncated
     # The same prompt tokens at generation time.
-    from trainer.data import prompt_text
+    from scalesft.trainer.data import prompt_text
     assert tok(prompt_text({"question": row["question"]}, tok, cfg))["input_ids"] == prompt_ids
 
 

@@ -14,21 +14,21 @@ import threading
 
 import pytest
 
-from trainer import data
-from trainer.config import DataConfig, RecipeError
-from trainer.data import encode, encode_batch, prepare, tokenize
+from scalesft.trainer import data
+from scalesft.core.recipe import DataConfig, RecipeError
+from scalesft.trainer.data import encode, encode_batch, prepare, tokenize
 
 
 @pytest.fixture(scope="module")
 def tok(tiny):
-    from trainer.config import ModelConfig
-    from trainer.model import load_tokenizer
+    from scalesft.core.recipe import ModelConfig
+    from scalesft.trainer.model import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path=str(tiny["model"])))
 
 
 def _rows(n=40):
-    from trainer.tiny import korean_qa_rows
+    from scalesft.trainer.tiny import korean_qa_rows
 
     rows = korean_qa_rows(n, seed=3)
     rows[5]["question"] = "서울 " * 60  # prompt alone too long at small max_seq_length
@@ -152,7 +152,7 @@ def test_waiting_rank_times_out_with_one_line(tok, tmp_path, monkeypatch):
 
 
 def test_arrow_and_python_row_checks_agree(tmp_path):
-    from trainer.data import check_rows, load_rows
+    from scalesft.trainer.data import check_rows, load_rows
 
     rows = [{"question": "q", "answer": "a"}, {"question": "q"}, {"question": " ", "answer": "a"}] * 3
     f = _write(tmp_path / "r.jsonl", rows)

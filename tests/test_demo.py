@@ -22,11 +22,11 @@ def opening(text: str, words: int = 2) -> str:
 
 
 def test_demo_learns_its_training_answers_quietly(tmp_path):
-    from trainer.assets import builtin_dataset
+    from scalesft.trainer.assets import builtin_dataset
 
     out = tmp_path / "demo"
     recipe = yaml.safe_load((REPO / "recipes/demo-ko.yaml").read_text())
-    run = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(REPO / "recipes/demo-ko.yaml"),
+    run = subprocess.run([sys.executable, "-m", "scalesft.launch.cli", "train", str(REPO / "recipes/demo-ko.yaml"),
                           f"training.output_dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:]
     m = json.loads((out / "train_metrics.json").read_text())
@@ -58,7 +58,7 @@ def test_demo_learns_its_training_answers_quietly(tmp_path):
     assert any(ln == f"[scalesft] adapter: {out}" for ln in lines)
     assert "\ufffd" not in run.stdout
 
-    gen = subprocess.run([sys.executable, "-m", "launch.cli", "generate", str(out), samples[0]["prompt"],
+    gen = subprocess.run([sys.executable, "-m", "scalesft.launch.cli", "generate", str(out), samples[0]["prompt"],
                           "--max-new-tokens", "48"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert samples[0]["after"] in gen.stdout  # greedy: the same answer as right after training

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.strategy import DS_CONFIG_DIR
-from trainer.config import RecipeError
-from trainer.distributed import _canonical, adapter_digest, launched
+from scalesft.launch.render import DS_CONFIG_DIR
+from scalesft.core.recipe import RecipeError
+from scalesft.trainer.distributed import _canonical, adapter_digest, launched
 
 LAUNCH_VARS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_USE_FSDP", "FSDP_VERSION",
                "ACCELERATE_DEEPSPEED_ZERO_STAGE")
@@ -42,9 +42,9 @@ def test_plain_launch_is_ddp(env):
 
 
 def test_eight_bit_under_zero3_is_refused_before_any_process_group(env):
-    from trainer.config import recipe_from_dict
-    from trainer.distributed import resolve
-    from trainer.hardware import Hardware
+    from scalesft.core.recipe import recipe_from_dict
+    from scalesft.trainer.distributed import resolve
+    from scalesft.core.hardware import Hardware
 
     env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(DS_CONFIG_DIR / "zero3.json"))
@@ -79,9 +79,9 @@ def test_the_process_group_is_created_with_the_recipes_ddp_timeout(env, strategy
 
     from accelerate import PartialState
 
-    from trainer.config import recipe_from_dict
-    from trainer.distributed import resolve
-    from trainer.hardware import Hardware
+    from scalesft.core.recipe import recipe_from_dict
+    from scalesft.trainer.distributed import resolve
+    from scalesft.core.hardware import Hardware
 
     def capture(*args, **kwargs):
         raise _Captured(kwargs)
@@ -113,7 +113,7 @@ def test_the_process_group_is_created_with_the_recipes_ddp_timeout(env, strategy
 
 
 def test_a_collective_timeout_becomes_one_line(env):
-    from trainer.distributed import collective_timeout_line
+    from scalesft.trainer.distributed import collective_timeout_line
 
     gloo = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation")
     assert collective_timeout_line(gloo, 20) is None  # one process: no other rank to blame

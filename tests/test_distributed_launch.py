@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.strategy import ACCELERATE_CONFIG_DIR
+from scalesft.launch.render import ACCELERATE_CONFIG_DIR
 from tinyrecipe import REPO, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def launch(tiny, tmp_path_factory):
             for var in ("ACCELERATE_USE_CPU", "OMP_NUM_THREADS", "DS_ACCELERATOR"):
                 env.pop(var, None)
         else:
-            argv = [sys.executable, "-m", "launch.cli", "train", str(recipe), "--gpus", str(gpus), "--strategy",
+            argv = [sys.executable, "-m", "scalesft.launch.cli", "train", str(recipe), "--gpus", str(gpus), "--strategy",
                     strategy, "--device", "cpu", "--port", "0"]
         t = time.perf_counter()
         proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -106,7 +106,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 def check_run(r: Run, single: Run, *, world: int, accumulation: int, strategy: str, steps: int = STEPS) -> float:
     """What every multi-process run must show; returns the max abs difference to the 1-process adapter."""
-    from trainer.distributed import adapter_digest
+    from scalesft.trainer.distributed import adapter_digest
 
     assert r.metrics["world_size"] == world and r.metrics["gradient_accumulation_steps"] == accumulation
     assert r.metrics["global_step"] == single.metrics["global_step"] == steps
@@ -218,7 +218,7 @@ def test_qlora_4bit_ddp_two_processes(launch, tiny):
         assert (f"rank {rank} (local {rank}) of 2: strategy=ddp device=cpu micro_batch=2 grad_accum=2 "
                 "global_batch=8 precision=fp32 quant_storage=uint8") in r.stdout
     assert r.metrics["global_step"] == STEPS and r.metrics["world_size"] == 2
-    from trainer.distributed import adapter_digest
+    from scalesft.trainer.distributed import adapter_digest
 
     assert {x["adapter_digest"] for x in r.ranks} == {adapter_digest(r.adapter())}
     reload(r, tiny)
@@ -230,8 +230,8 @@ def test_hung_rank_fails_after_ddp_timeout(tiny, tmp_path):
     trainer/distributed.py gives up after 20 s (torch's default would be 30 min on gloo): rank 0 prints one
     line naming itself and the timeout, and the launcher ends the job. The hung rank ignores SIGTERM (the
     trainer's handler only asks for a checkpoint), so torchrun kills it after its 30 s grace."""
-    from launch.render import render_launch
-    from launch.run import accelerate_executable
+    from scalesft.launch.render import render_launch
+    from scalesft.launch.run import accelerate_executable
 
     timeout = 20
     recipe = write_recipe(tmp_path / "hang.yaml", tiny, tmp_path / "out",
@@ -277,7 +277,7 @@ def bimodal_rows(n: int = 64) -> list[dict[str, str]]:
     """Q/A rows that are either very short (a one-clause answer, ~25 tokens) or long (twelve clauses, ~120)."""
     import random
 
-    from trainer.tiny import _SUBJECTS, _VERBS
+    from scalesft.trainer.tiny import _SUBJECTS, _VERBS
 
     rng = random.Random(3)
     rows = []
@@ -300,12 +300,12 @@ def test_auto_token_micro_batches_ddp_two_processes(launch, bimodal):
     DDP ranks and split into micro-batches of at most 128 tokens, so within a step the ranks' micro-batches
     differ in row count and tokens; yet both ranks run the same number of micro-steps (no hang) and the adapter
     equals the 1-process micro 2 x accumulation 4 run's on the same rows."""
-    from launch.batch import epoch_layouts
-    from trainer.batching import plan_run, row_lengths, row_order
-    from trainer.config import load_recipe
-    from trainer.data import read_rows, tokenize
-    from trainer.distributed import adapter_digest
-    from trainer.model import load_tokenizer
+    from scalesft.core.batch import epoch_layouts
+    from scalesft.trainer.batching import plan_run, row_lengths, row_order
+    from scalesft.core.recipe import load_recipe
+    from scalesft.trainer.data import read_rows, tokenize
+    from scalesft.trainer.distributed import adapter_digest
+    from scalesft.trainer.model import load_tokenizer
 
     one = launch("single_bimodal", data={"path": bimodal}, training={"global_batch_size": 8, "micro_batch_size": 2})
     r = launch("auto_ddp", gpus=2, strategy="ddp", data={"path": bimodal},

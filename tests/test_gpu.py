@@ -39,7 +39,7 @@ def _lora_model(model_dir, bits):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from trainer.model import keep_trainable_4bit_layout
+    from scalesft.trainer.model import keep_trainable_4bit_layout
 
     kw = dict(dtype=torch.bfloat16, device_map={"": "cuda:0"})
     if bits == 4:
@@ -69,7 +69,7 @@ def _loss_and_grads(m, ids):
 def test_fused_lora_equals_peft_on_cuda(model_dir, bits):
     from peft.tuners.lora import LoraLayer
 
-    from trainer.model import fuse_lora
+    from scalesft.trainer.model import fuse_lora
 
     m = _lora_model(model_dir, bits)
     m.train()
@@ -90,10 +90,13 @@ def test_fused_lora_equals_peft_on_cuda(model_dir, bits):
 def test_varlen_attention_equals_separate_rows_on_cuda(model_dir):
     from transformers import AutoModelForCausalLM
 
-    from trainer.model import VARLEN_ATTN, load_model_attention, register_varlen_attention, varlen_available
+    from scalesft.core.hardware import VARLEN_ATTN, attention
+    from scalesft.trainer.hardware import detect
+    from scalesft.trainer.model import register_varlen_attention
 
-    assert varlen_available(), "torch has no torch.nn.attention.varlen on this GPU"
-    assert load_model_attention("sdpa") == VARLEN_ATTN  # what a run with attn sdpa on this machine loads
+    hw = detect()
+    assert hw.varlen_kernel, "torch has no torch.nn.attention.varlen"
+    assert attention("auto", hw) == VARLEN_ATTN  # what a run on this machine loads (flash-attn not installed)
     packed = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": "cuda:0"},
                                                   attn_implementation=register_varlen_attention())
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": "cuda:0"},

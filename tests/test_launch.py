@@ -10,12 +10,12 @@ import time
 import pytest
 import yaml
 
-from launch import plan as plan_mod
-from launch.batch import nearest_global_batches
-from launch import run as run_mod
-from launch.render import LaunchError, render_launch
-from launch.strategy import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR, STRATEGIES, StrategyError, resolve_qlora
-from trainer.tiny import korean_qa_rows
+from scalesft.core.batch import nearest_global_batches
+from scalesft.core.strategy import STRATEGIES, StrategyError, layout, planned_hardware
+from scalesft.launch import plan as plan_mod
+from scalesft.launch import run as run_mod
+from scalesft.launch.render import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR, LaunchError, render_launch
+from scalesft.trainer.tiny import korean_qa_rows
 
 ALL = ["ddp", "zero2", "zero3", "zero3_offload", "fsdp2"]
 
@@ -50,7 +50,7 @@ def test_render_each_strategy_as_accelerate_reads_it(strategy):
     assert "--cpu" not in cmd.argv  # `accelerate launch --cpu` silently starts ONE process, whatever --num_processes
     a = accelerate_view(cmd.argv)
     assert a.num_processes == 4 and a.num_machines == 1
-    assert a.module and a.training_script == "trainer.train" and a.training_script_args == ["r.yaml",
+    assert a.module and a.training_script == "scalesft.trainer.train" and a.training_script_args == ["r.yaml",
                                                                                             "training.max_steps=5"]
     spec = STRATEGIES[strategy]
     assert a.config_file == str(ACCELERATE_CONFIG_DIR / spec.accelerate_config)
@@ -89,18 +89,43 @@ def test_render_multi_node():
         render_launch(recipe="r.yaml", num_processes=15, num_machines=2, main_process_ip="h")
 
 
-def test_resolve_qlora_per_strategy():
-    kw = dict(bits=4, compute_dtype="auto", precision="bf16", gradient_checkpointing=True)
-    for s in ("ddp", "zero2"):
-        r = resolve_qlora(strategy=s, **kw)
-        assert (r.device_map, r.quant_storage, r.gradient_checkpointing_reentrant) == ("local_rank", "uint8", False)
-    for s in ("zero3", "zero3_offload"):
-        r = resolve_qlora(strategy=s, **kw)
-        assert (r.device_map, r.quant_storage, r.gradient_checkpointing_reentrant) == (None, "bfloat16", True)
-    r = resolve_qlora(strategy="fsdp2", **kw)
-    assert (r.device_map, r.quant_storage, r.gradient_checkpointing_reentrant) == (None, "bfloat16", False)
-    r = resolve_qlora(strategy="ddp", bits=None, compute_dtype="auto", precision="fp32", gradient_checkpointing=False)
-    assert (r.device_map, r.quant_storage, r.gradient_checkpointing_reentrant) == (None, None, None)
+TESTED_VERSIONS = {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2"}
+
+
+def test_layout_per_strategy():
+    gpu = planned_hardware(cpu=False, varlen_kernel=True, versions=TESTED_VERSIONS)
+    kw = dict(world_size=8, hw=gpu, precision="bf16", bits=4, gradient_checkpointing=True)
+    expect = {  # sharded, device_map, quant_storage, checkpointing, lora
+        "ddp": (False, "local_rank", "uint8", "non-reentrant", "fused"),
+        "zero2": (False, "local_rank", "uint8", "non-reentrant", "fused"),
+        "zero3": (True, None, "bfloat16", "reentrant", "peft"),
+        "zero3_offload": (True, None, "bfloat16", "reentrant", "peft"),
+        "fsdp2": (True, None, "bfloat16", "non-reentrant", "peft"),
+    }
+    for name, want in expect.items():
+        lay = layout(strategy=name, **kw)
+        assert (lay.sharded, lay.device_map, lay.quant_storage, lay.checkpointing, lay.lora) == want, name
+        assert lay.attention == "sdpa_varlen" and lay.strategy == name
+    assert layout(strategy="ddp", **{**kw, "world_size": 1}).strategy == "single"
+    cpu = layout(strategy="ddp", world_size=1, hw=planned_hardware(cpu=True, versions=TESTED_VERSIONS),
+                 precision="fp32", bits=None, gradient_checkpointing=False)
+    assert (cpu.device_map, cpu.quant_storage, cpu.checkpointing, cpu.attention) == (None, None, "off", "sdpa")
+    # unquantized LoRA on a GPU: the whole model on this process's GPU, as the trainer loads it
+    assert layout(strategy="ddp", **{**kw, "bits": None}).device_map == "local_rank"
+    with pytest.raises(StrategyError, match="bits=8 cannot run under zero3"):
+        layout(strategy="zero3", **{**kw, "bits": 8})
+
+
+def test_layout_falls_back_to_the_stock_paths_outside_the_tested_versions():
+    old = planned_hardware(cpu=False, varlen_kernel=True, versions={**TESTED_VERSIONS, "peft": "0.30.0",
+                                                                    "transformers": "5.40.1"})
+    lay = layout(strategy="ddp", world_size=1, hw=old, precision="bf16", bits=4, gradient_checkpointing=True)
+    assert (lay.lora, lay.attention) == ("peft", "sdpa")
+    assert any("peft 0.30.0 is outside the tested range >=0.21,<0.22" in n for n in lay.notes)
+    assert any("transformers 5.40.1 is outside the tested range" in n for n in lay.notes)
+    dropout = layout(strategy="ddp", world_size=1, hw=old, precision="bf16", bits=4, gradient_checkpointing=True,
+                     lora_dropout=0.05)
+    assert dropout.lora == "peft" and "lora.dropout=0" in dropout.notes[0]
 
 
 def test_plan_json(recipe, capsys):
@@ -116,8 +141,9 @@ def test_plan_json(recipe, capsys):
         assert e["strategy"] == "zero3" and e["steps_per_epoch"] == 4 and e["optimizer_steps"] == 7
         assert e["repeated_rows_per_epoch"] == 0  # 64 rows over micro 2 x 2, 4 or 8 ranks
         assert e["max_tokens_per_step"] == 16 * 256
-        assert e["precision"] == "bf16" and e["gradient_checkpointing"] == "reentrant"
-        assert e["qlora"]["quant_storage"] == "bfloat16" and e["qlora"]["device_map"] is None
+        assert e["precision"] == "bf16" and e["layout"]["checkpointing"] == "reentrant"
+        assert e["layout"]["quant_storage"] == "bfloat16" and e["layout"]["device_map"] is None
+        assert e["layout"]["sharded"] is True and e["layout"]["lora"] == "peft"
         a = accelerate_view([c for c in e["argv"]])
         assert a.num_processes == e["world_size"] and a.num_machines == e["nodes"]
         assert a.training_script_args == [str(recipe), "training.max_steps=7"]
@@ -138,7 +164,7 @@ def test_train_dry_run_prints_the_command(recipe, capsys):
     line = capsys.readouterr().out.strip()
     assert "\n" not in line
     assert line.startswith("DS_ACCELERATOR=cpu OMP_NUM_THREADS=")
-    assert "--num_processes 2" in line and line.endswith(f"-m trainer.train {recipe} training.max_steps=3")
+    assert "--num_processes 2" in line and line.endswith(f"-m scalesft.trainer.train {recipe} training.max_steps=3")
 
 
 # ---- bad input: one line on stderr, exit status 2, nothing started -------------------------------------------
@@ -164,8 +190,8 @@ def test_refuses_a_strategy_that_conflicts_with_quantization(recipe, capsys):
                                "quantization.bits=8"])
         assert f"quantization.bits=8 cannot run under {strategy}" in err
     with pytest.raises(StrategyError, match="unknown strategy 'zero4'"):
-        resolve_qlora(strategy="zero4", bits=None, compute_dtype="auto", precision="fp32",
-                      gradient_checkpointing=True)
+        layout(strategy="zero4", world_size=1, hw=planned_hardware(cpu=True), bits=None, precision="fp32",
+               gradient_checkpointing=True)
 
 
 def test_refuses_more_processes_than_rows(recipe, capsys):
@@ -208,17 +234,17 @@ def test_scalesft_cli_wires_plan_and_train(recipe):
     import subprocess
     import sys
 
-    from launch.strategy import ROOT
+    from scalesft.launch.render import ROOT
 
     def cli(*argv):
-        return subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=ROOT, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "scalesft.launch.cli", *argv], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
 
     out = cli("plan", str(recipe), "--gpus-per-node", "4", "--strategy", "fsdp2", "--json", "training.max_steps=2")
     assert out.returncode == 0, out.stderr
     (entry,) = json.loads(out.stdout)
     assert (entry["world_size"], entry["gradient_accumulation_steps"], entry["strategy"]) == (4, 2, "fsdp2")
-    assert entry["command"].endswith(f"-m trainer.train {recipe} training.max_steps=2")
+    assert entry["command"].endswith(f"-m scalesft.trainer.train {recipe} training.max_steps=2")
     out = cli("train", str(recipe), "--gpus", "2", "--strategy", "ddp", "--device", "cpu", "--dry-run",
               "training.max_steps=2")
     assert out.returncode == 0, out.stderr
@@ -231,8 +257,8 @@ def test_every_train_option_acts(recipe, tmp_path, monkeypatch):
     """`scalesft train` with any launcher option goes through accelerate launch (1 process unless --gpus), so
     --device, --port and --accelerate-config act on their own; with none it runs the trainer in this process.
     Nothing is started: execute() and the trainer's main are replaced by recorders."""
-    from launch import cli
-    from trainer import train as train_mod
+    from scalesft.launch import cli
+    from scalesft.trainer import train as train_mod
 
     launched, trained = [], []
     monkeypatch.setattr(run_mod, "execute", lambda cmd, **kw: launched.append(cmd) or 0)
@@ -269,7 +295,7 @@ def test_every_train_option_acts(recipe, tmp_path, monkeypatch):
 # ---- micro_batch_size: auto in the plan ---------------------------------------------------------------------
 
 def _entries(recipe_path, *overrides, worlds=range(1, 65), strategy="ddp", **kw):
-    from trainer.config import load_recipe
+    from scalesft.core.recipe import load_recipe
 
     r = load_recipe(recipe_path, list(overrides))
     return plan_mod.plan_entries(r, recipe_path=str(recipe_path), overrides=list(overrides), nodes=[1],
@@ -323,7 +349,7 @@ def test_plan_every_world_size_with_a_fixed_or_padded_micro_batch(recipe):
 def test_shipped_seed_recipes_plan_cleanly(name, strategy, tmp_path):
     """At 1, 2, 4, 8, 16 and 32 GPUs wherever the global batch >= world size, with the memory model sizing
     the token budget from an 8B Llama shape on 80 GiB."""
-    from launch.strategy import ROOT
+    from scalesft.launch.render import ROOT
 
     model = tmp_path / "llama8b"
     model.mkdir()
@@ -346,7 +372,7 @@ def test_shipped_seed_recipes_plan_cleanly(name, strategy, tmp_path):
 def test_readme_plan_example_runs(capsys):
     """`scalesft plan recipes/seed-000-kanana-qlora.yaml --nodes 2 --gpus-per-node 8 --strategy zero3`: the
     README's own example, which a fixed micro batch of 4 refused (32 is not divisible by 4 x 16)."""
-    from launch.strategy import ROOT
+    from scalesft.launch.render import ROOT
 
     assert plan_mod.main([str(ROOT / "recipes/seed-000-kanana-qlora.yaml"), "--nodes", "2", "--gpus-per-node", "8",
                           "--strategy", "zero3"]) == 0

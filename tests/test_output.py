@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tinyrecipe import REPO
-from trainer.console import duration, step_line, summary
+from scalesft.trainer.console import duration, step_line, summary
 
 
 def test_step_line_has_step_loss_lr_speed_memory_eta():
@@ -38,7 +38,7 @@ def test_summary_names_losses_eval_speed_adapter_and_next_commands():
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "scalesft.launch.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, **kw)
 
 
@@ -75,7 +75,7 @@ def test_slurm_checks_options_and_batch_before_rendering(options, message):
 
 
 def test_slurm_time_syntax():
-    from launch.slurm import SlurmError, check_job_options
+    from scalesft.launch.slurm import SlurmError, check_job_options
 
     for ok in ("30", "30:00", "12:00:00", "2-00", "2-12:30", "2-12:30:00", "UNLIMITED"):
         check_job_options(partition="gpu,debug", time=ok, nodes=1, gpus_per_node=8, procs_per_node=None)
@@ -85,8 +85,8 @@ def test_slurm_time_syntax():
 
 
 def test_generate_folder_kinds(tmp_path):
-    from trainer.config import RecipeError
-    from trainer.generate import folder_kind
+    from scalesft.core.recipe import RecipeError
+    from scalesft.trainer.generate import folder_kind
 
     with pytest.raises(RecipeError, match="is not a folder"):
         folder_kind(tmp_path / "missing")
@@ -102,7 +102,7 @@ def test_generate_folder_kinds(tmp_path):
 
 
 def test_streamer_drops_a_character_cut_by_the_token_limit(capsys):
-    from trainer.generate import _streamer
+    from scalesft.trainer.generate import _streamer
 
     class Tok:  # bytes-level decode of a Korean word cut in its last character
         def decode(self, ids, **kw):

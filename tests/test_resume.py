@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from tinyrecipe import REPO, write_recipe
-from trainer import resume
-from trainer.config import RecipeError, load_recipe
-from trainer.preemption import COMPLETE_MARKER, latest_complete_checkpoint, rotate
-from trainer.train import main, train
+from scalesft.trainer import resume
+from scalesft.core.recipe import RecipeError, load_recipe
+from scalesft.trainer.preemption import COMPLETE_MARKER, latest_complete_checkpoint, rotate
+from scalesft.trainer.train import main, train
 
 STEPS = 3
 
@@ -64,12 +64,12 @@ def copy(finished, tmp_path):
 @pytest.fixture()
 def no_model_loads(monkeypatch):
     """Loading the tokenizer or the model fails the test: proves the decision came first."""
-    import trainer.model
+    import scalesft.trainer.model
 
     def boom(*a, **k):
         raise AssertionError("the model/tokenizer was loaded")
-    monkeypatch.setattr(trainer.model, "load_tokenizer", boom)
-    monkeypatch.setattr(trainer.model, "load_model", boom)
+    monkeypatch.setattr(scalesft.trainer.model, "load_tokenizer", boom)
+    monkeypatch.setattr(scalesft.trainer.model, "load_model", boom)
 
 
 def test_identity_record_is_written(finished):
@@ -238,7 +238,7 @@ def test_rotate_deletes_only_complete_checkpoints_beyond_the_limit(tmp_path):
 def test_crash_between_save_and_marker_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     """save_total_limit=1: transformers' own rotation ran inside the save, before our completion marker, and
     deleted checkpoint-2 while checkpoint-4 was not yet complete."""
-    from trainer.preemption import PreemptionCallback
+    from scalesft.trainer.preemption import PreemptionCallback
 
     original = PreemptionCallback.on_save
 
@@ -369,7 +369,7 @@ def test_world_size_change_at_the_same_global_batch_continues_exactly(tiny, tmp_
     training = {"max_steps": STEPS, "save_steps": 100, "lr_scheduler_type": "constant"}
     path = write_recipe(tmp_path / "r.yaml", tiny, out, training=training)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--gpus", "2", "--strategy", "ddp",
+    proc = subprocess.run([sys.executable, "-m", "scalesft.launch.cli", "train", str(path), "--gpus", "2", "--strategy", "ddp",
                            "--device", "cpu", "--port", "0"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -387,7 +387,7 @@ def test_world_size_change_at_the_same_global_batch_continues_exactly(tiny, tmp_
 
     # The same change where the rows do not divide into whole steps is refused before anything loads.
     shutil.rmtree(out)
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "train", str(path), "--gpus", "2", "--strategy", "ddp",
+    proc = subprocess.run([sys.executable, "-m", "scalesft.launch.cli", "train", str(path), "--gpus", "2", "--strategy", "ddp",
                            "--device", "cpu", "--port", "0", "data.limit=60"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

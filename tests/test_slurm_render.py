@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import slurm
-from launch.cli import main as cli_main
-from trainer import preemption
+from scalesft.launch import slurm
+from scalesft.launch.cli import main as cli_main
+from scalesft.trainer import preemption
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "slurm" / "train.sh"

@@ -10,8 +10,8 @@ import torch
 from transformers import TrainerCallback
 
 from tinyrecipe import write_recipe
-from trainer.config import load_recipe
-from trainer.train import main, train
+from scalesft.core.recipe import load_recipe
+from scalesft.trainer.train import main, train
 
 PROBE = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
 
@@ -75,7 +75,7 @@ def test_saved_adapter_reloads_with_identical_logits(basic):
 def test_merged_model_equals_base_plus_adapter(basic, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from launch.cli import main as cli
+    from scalesft.launch.cli import main as cli
 
     assert cli(["merge", str(basic["out"]), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
@@ -159,8 +159,8 @@ def test_4bit_answers_before_training_change_nothing(tiny, tmp_path):
 
 
 def test_pure_hardware_checks():
-    from trainer.config import RecipeError
-    from trainer.hardware import Hardware, check_quantization, precision
+    from scalesft.core.recipe import RecipeError
+    from scalesft.core.hardware import Hardware, check_quantization, precision
 
     with pytest.raises(RecipeError, match="quantization.bits=4 needs bitsandbytes, which is not importable"):
         check_quantization(4, Hardware(cuda=True, bf16=True, bitsandbytes=False))
@@ -199,7 +199,7 @@ def test_secrets_never_reach_logs_rendered_commands_or_saved_files(tiny, tmp_pat
     override = f"description=key {secrets['WANDB_API_KEY']}"
     for argv in (["train", str(path), override, "--gpus", "2", "--strategy", "zero3", "--dry-run"],
                  ["slurm", str(path), override, "--nodes", "2", "--gpus-per-node", "0", "--dry-run"]):
-        runs.append(subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=REPO, env=env,
+        runs.append(subprocess.run([sys.executable, "-m", "scalesft.launch.cli", *argv], cwd=REPO, env=env,
                                    capture_output=True, text=True, timeout=120))
         assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
         assert "'description=key ***'" in runs[-1].stdout  # the command is printed, the key is not
@@ -214,7 +214,7 @@ def test_secrets_never_reach_logs_rendered_commands_or_saved_files(tiny, tmp_pat
 
 
 def test_redacted_hides_secret_keys_environment_values_and_hf_tokens():
-    from trainer.config import redact_text, redacted
+    from scalesft.core.secrets import redact_text, redacted
 
     environ = {"HF_TOKEN": "hf_abcdefghijklmnop", "WANDB_API_KEY": "0123456789abcdef", "MY_PASSWORD": "hunter2hunter2",
                "TOKENIZERS_PARALLELISM": "false-but-long", "SHORT_TOKEN": "abc"}
@@ -247,7 +247,7 @@ def test_generate_chat_merge_refuse_remote_code_without_the_flag(basic, tmp_path
     repository's code: generate, chat and merge refuse with one line unless --trust-remote-code is given."""
     import yaml
 
-    from launch.cli import main as cli
+    from scalesft.launch.cli import main as cli
 
     out = tmp_path / "out"
     shutil.copytree(basic["out"], out, ignore=shutil.ignore_patterns("checkpoint-*"))
@@ -271,7 +271,7 @@ def test_liger_goes_through_trls_switch_with_trls_loss(tiny, tmp_path, monkeypat
     run stopped there; what the kernels do on a GPU is not checked here."""
     import transformers.trainer
 
-    import trainer.train as train_mod
+    import scalesft.trainer.train as train_mod
 
     class Applied(Exception):
         pass
@@ -331,8 +331,8 @@ def test_token_counts_cover_every_processed_token_at_its_length():
     each row's real length, from padding-free and from padded batches alike, on the device."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from trainer.flops import Shape, train_flops, train_flops_terms
-    from trainer.metrics import count_tokens
+    from scalesft.core.flops import Shape, train_flops, train_flops_terms
+    from scalesft.trainer.metrics import count_tokens
 
     rows = [{"input_ids": list(range(1, n + 1))} for n in (3, 17, 40)]
     lens = [3, 17, 40]

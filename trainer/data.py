@@ -28,8 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import templates
-from .config import DataConfig, RecipeError, field_map
+from scalesft.core import templates
+from scalesft.core.recipe import DataConfig, RecipeError, field_map
+
+from .assets import builtin_dataset, cache_root
 
 IGNORE = -100
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -40,10 +42,6 @@ TEXT_FIELDS = ("question", "answer", "instruction", "input", "output", "text")
 PARALLEL_ROWS = 20_000
 """Datasets at least this long are tokenized by several worker processes (SCALESFT_DATA_PROC, default: the CPUs
 this process may use, at most 8)."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SCALESFT_CACHE", Path.home() / ".cache" / "scalesft"))
 
 
 @contextlib.contextmanager
@@ -111,7 +109,6 @@ def load_rows(cfg: DataConfig):
     file = local_file(cfg)
     with _quiet_datasets():
         if path.startswith("builtin:"):
-            from .assets import builtin_dataset
 
             ds = datasets.Dataset.from_list(builtin_dataset(path.removeprefix("builtin:")))
         elif file is not None:
@@ -586,7 +583,6 @@ def source_id(cfg: DataConfig, rows=None) -> str:
     if file is not None:
         return f"file:{FILE_TYPES[file.suffix.lower()]}:{file_digest(file)}"
     if cfg.path.startswith("builtin:"):
-        from .assets import builtin_dataset
 
         return source_id(cfg, builtin_dataset(cfg.path.removeprefix("builtin:")))
     with _quiet_datasets():

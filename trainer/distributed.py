@@ -33,59 +33,71 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RecipeError
-from .hardware import Hardware
+from scalesft.core.hardware import Hardware
+from scalesft.core.recipe import RecipeError
+from scalesft.core.strategy import Layout, StrategyError, layout, strategy_of
 
 
 @dataclass(kw_only=True)
 class Strategy:
-    name: str
-    """single | ddp | zero2 | zero3 | fsdp2"""
+    """The strategy this process runs under: core.strategy's Layout (what `scalesft plan` shows) plus the process's
+    place in the group."""
+
+    layout: Layout
     world_size: int
     rank: int
     local_rank: int
     device: str
-    device_map: Any = None
-    """For from_pretrained: quantized models under single/DDP/ZeRO-2 live whole on this rank's device;
-    None under ZeRO-3/FSDP2, which place (shard) the weights themselves."""
-    quant_storage: str | None = None
-    """bnb_4bit_quant_storage: the compute dtype under ZeRO-3/FSDP2 so the 4-bit weights can be sharded."""
     zero_stage: int | None = None
     fsdp_version: int | None = None
-    reentrant: bool = False
-    """Activation checkpointing reentrancy: reentrant under ZeRO-3 (TRL's SFTTrainer forces it for PEFT models),
-    non-reentrant everywhere else (DDP would otherwise see parameters marked ready twice)."""
     args: dict[str, Any] = field(default_factory=dict)
     """Extra SFTConfig arguments this strategy needs."""
 
+    @property
+    def name(self) -> str:
+        return self.layout.strategy
+
+    @property
+    def device_map(self) -> dict[str, str] | None:
+        """For from_pretrained: {"": this process's device}, or None where the strategy places the weights."""
+        return {"": self.device} if self.layout.device_map == "local_rank" else None
+
+    @property
+    def quant_storage(self) -> str | None:
+        return self.layout.quant_storage
+
+    @property
+    def reentrant(self) -> bool:
+        return bool(self.layout.reentrant)
+
     def log_line(self) -> str:
-        return (f"rank {self.rank} (local {self.local_rank}) of {self.world_size}: strategy={self.name} "
-                f"device={self.device}")
+        return f"rank {self.rank} (local {self.local_rank}) of {self.world_size} on {self.device}: {self.layout.line()}"
 
 
 def launched() -> tuple[str, int | None, int | None]:
     """(strategy, zero stage, fsdp version) that `accelerate launch` asked for, read by accelerate's own
     plugins from the variables its launcher sets (ACCELERATE_USE_DEEPSPEED + the ds config, ACCELERATE_USE_FSDP
-    + FSDP_VERSION), exactly as Accelerator() will read them."""
+    + FSDP_VERSION), exactly as Accelerator() will read them; named by core.strategy.strategy_of."""
     from accelerate.utils import parse_flag_from_env
 
+    stage = version = None
+    offload = False
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         from accelerate.utils import DeepSpeedPlugin
 
-        stage = int(DeepSpeedPlugin().zero_stage)
-        if stage not in (2, 3):
-            raise RecipeError(f"DeepSpeed ZeRO stage {stage} is not supported: use accelerate_configs/zero2.yaml or "
-                              "zero3.yaml (scalesft train --strategy zero2|zero3)")
-        return f"zero{stage}", stage, None
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        plugin = DeepSpeedPlugin()
+        stage = int(plugin.zero_stage)
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        offload = any(str((zero.get(k) or {}).get("device", "none")).lower() == "cpu"
+                      for k in ("offload_param", "offload_optimizer"))
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP"):
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         version = int(FullyShardedDataParallelPlugin().fsdp_version)
-        if version != 2:
-            raise RecipeError(f"FSDP version {version} is not supported: use accelerate_configs/fsdp2.yaml "
-                              "(fsdp_version: 2)")
-        return "fsdp2", None, 2
-    return "ddp", None, None
+    try:
+        return strategy_of(zero_stage=stage, offload=offload, fsdp_version=version), stage, version
+    except StrategyError as e:
+        raise RecipeError(str(e)) from None
 
 
 def process_group_timeout(seconds: int):
@@ -117,13 +129,12 @@ def resolve(hw: Hardware, recipe, precision: str) -> Strategy:
     """Initialise the process group the way this strategy needs it and decide the load settings.
     Raises RecipeError for combinations known not to work, before any model loads."""
     from accelerate import PartialState
-    from launch.strategy import StrategyError, resolve_qlora
 
     name, stage, fsdp_version = launched()
-    q, t = recipe.quantization, recipe.training
-    try:
-        plan = resolve_qlora(strategy=name, bits=q.bits, compute_dtype=q.compute_dtype, precision=precision,
-                             gradient_checkpointing=t.gradient_checkpointing)
+    t = recipe.training
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:  # before the process group: a combination known not to work stops here, on every rank
+        planned = _layout(name, launched_world, hw, recipe, precision)
     except StrategyError as e:
         raise RecipeError(str(e)) from None
 
@@ -140,23 +151,25 @@ def resolve(hw: Hardware, recipe, precision: str) -> Strategy:
         state = PartialState(cpu=not hw.cuda, timeout=timeout)
         args["use_cpu"] = not hw.cuda
     world, rank, local = state.num_processes, state.process_index, state.local_process_index
-    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     # Processes that did not join one group each see a world of 1: they would train N unsynchronised copies.
     if world != launched_world:
         raise RecipeError(f"{launched_world} processes were launched but accelerate set up a world of {world} "
                           f"({state.distributed_type}): launch with `scalesft train --gpus N --strategy S`, "
                           "which sets the variables this machine needs")
-    if world == 1 and name == "ddp":
-        name = "single"
     if world > 1:
         args["ddp_find_unused_parameters"] = False
     device = f"cuda:{local}" if hw.cuda else "cpu"
-    shards_weights = name in ("zero3", "fsdp2")
-    device_map = {"": device} if not shards_weights and (q.bits or hw.cuda) else None
-    return Strategy(name=name, world_size=world, rank=rank, local_rank=local, device=device,
-                    device_map=device_map, quant_storage=plan.quant_storage if q.bits == 4 else None,
-                    zero_stage=stage, fsdp_version=fsdp_version, reentrant=bool(plan.gradient_checkpointing_reentrant),
-                    args=args)
+    return Strategy(layout=planned, world_size=world, rank=rank, local_rank=local, device=device,
+                    zero_stage=stage, fsdp_version=fsdp_version, args=args)
+
+
+def _layout(name: str, world: int, hw: Hardware, recipe, precision: str) -> Layout:
+    """core.strategy.layout for this recipe: the same call `scalesft plan` makes."""
+    q, lo = recipe.quantization, recipe.lora
+    return layout(strategy=name, world_size=world, hw=hw, precision=precision, bits=q.bits,
+                  compute_dtype=q.compute_dtype, gradient_checkpointing=recipe.training.gradient_checkpointing,
+                  attn_implementation=recipe.model.attn_implementation, lora_dropout=lo.dropout,
+                  use_dora=lo.use_dora)
 
 
 def prepare_trainer(trainer, s: Strategy) -> None:
@@ -261,8 +274,7 @@ def rank_report(trainer, s: Strategy, out: Path) -> dict[str, Any]:
         "sharded_params": sum(1 for p in dtensors if p.to_local().numel() < p.numel()),
         "zero3_partitioned_params": sum(1 for _, p in params if hasattr(p, "ds_numel") and p.numel() < p.ds_numel),
         "params4bit": sum(1 for _, p in params if type(p).__name__ == "Params4bit"),
-        "quant_storage": s.quant_storage,
-        "reentrant_checkpointing": s.reentrant,
+        "layout": s.layout.fields(),
     }
     if os.environ.get(RANK_REPORT_ENV) == "1":
         report["adapter_digest"] = adapter_digest(full_adapter(trainer))

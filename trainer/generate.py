@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Recipe, RecipeError, load_recipe
+from scalesft.core.recipe import Recipe, RecipeError, load_recipe
 
 
 def answers(model, tokenizer, recipe: Recipe, questions: list[str], max_new_tokens: int = 48) -> list[str]:
@@ -94,7 +94,7 @@ def load_trained(output_dir: str | Path, *, dtype: str | None = None, merged: bo
 
 def folder_kind(out: Path) -> str:
     """'adapter' (a training.output_dir) or 'merged' (written by scalesft merge); a RecipeError otherwise."""
-    from .config import RecipeError
+    from scalesft.core.recipe import RecipeError
 
     if not out.is_dir():
         raise RecipeError(f"'{out}' is not a folder: give a finished run's training.output_dir or a folder written "

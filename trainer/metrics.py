@@ -45,7 +45,7 @@ class ThroughputCallback(TrainerCallback):
     """Times the training loop and each optimizer step; the token counts come from the trainer (train.py: device
     tensors, see count_tokens). Once bound to the trainer it also adds, at every log step, the loss-bearing
     tokens/s since the last log (all ranks and per GPU), MFU (LoRA-correct FLOPs of every processed token at its
-    real sequence length, attention included: trainer/flops.py) and the peak memory of every rank (gathered) to
+    real sequence length, attention included: core/flops.py) and the peak memory of every rank (gathered) to
     the logs, so the console, W&B and TensorBoard see them."""
 
     WARMUP_STEPS = 3
@@ -62,7 +62,7 @@ class ThroughputCallback(TrainerCallback):
 
     def bind(self, trainer, recipe=None) -> None:
         """Read token counts from `trainer`; run first among the callbacks so the log additions reach W&B."""
-        from . import flops
+        from scalesft.core import flops
 
         self.trainer = trainer
         handler = trainer.callback_handler
@@ -114,7 +114,7 @@ class ThroughputCallback(TrainerCallback):
             return
         import torch
 
-        from . import flops
+        from scalesft.core import flops
 
         acc = self.trainer.accelerator
         now, counts = time.perf_counter(), self._read(self._counts())  # the one read of the counters per log
@@ -154,7 +154,7 @@ class ThroughputCallback(TrainerCallback):
                "processed_tokens_per_second_per_device": round((p1 - p0) / (t1 - t0), 1) if t1 > t0 else None}
         work = self._flops(p1 - p0, q1 - q0)
         if work is not None and t1 > t0:
-            from . import flops
+            from scalesft.core import flops
 
             m_ = flops.mfu(work, t1 - t0, self.device_name)
             out["mfu"] = round(m_, 4) if m_ is not None else None

@@ -6,7 +6,8 @@ checkpointing and handles the ZeRO-3 special cases.
 
 from __future__ import annotations
 
-from .config import LoraConfig, ModelConfig, QuantizationConfig, RecipeError
+from scalesft.core.hardware import VARLEN_ATTN
+from scalesft.core.recipe import LoraConfig, ModelConfig, QuantizationConfig, RecipeError
 from .distributed import Strategy
 
 
@@ -47,28 +48,12 @@ def bnb_config(q: QuantizationConfig, compute_dtype: str, quant_storage: str | N
                               bnb_4bit_quant_storage=getattr(torch, quant_storage) if quant_storage else torch.uint8)
 
 
-VARLEN_ATTN = "sdpa_varlen"
-"""sdpa, except that padding-free batches run torch's variable-length flash attention per sequence instead of one
-masked attention over the whole flattened row (T x T work and a T x T mask: 16x the attention FLOPs at 16 rows of
-1024). Sequence boundaries come from TRL's collator (cu_seq_lens_q), else from position_ids restarting at 0."""
+# VARLEN_ATTN (core/hardware.py decides when it runs): sdpa, except that padding-free batches run torch's
+# variable-length flash attention per sequence instead of one masked attention over the whole flattened row (T x T
+# work and a T x T mask: 16x the attention FLOPs at 16 rows of 1024). Sequence boundaries come from TRL's collator
+# (cu_seq_lens_q), else from position_ids restarting at 0.
 
 
-def varlen_available() -> bool:
-    import torch
-
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def load_model_attention(attn: str) -> str:
-    """The attention implementation from_pretrained gets for the resolved one: sdpa becomes sdpa_varlen (registered
-    here) where torch's varlen kernel runs on this machine."""
-    if attn == "sdpa" and varlen_available():
-        return register_varlen_attention()
-    return attn
 
 
 def _varlen(q, k, v, cu, max_len: int, scale):
@@ -155,7 +140,8 @@ def load_model(cfg: ModelConfig, q: QuantizationConfig, *, dtype: str, attn: str
     import torch
     from transformers import AutoModelForCausalLM
 
-    attn = load_model_attention(attn)
+    if attn == VARLEN_ATTN:  # chosen by core.hardware.attention (the layout)
+        register_varlen_attention()
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=getattr(torch, dtype),
                   attn_implementation=attn)
     if q.bits:
@@ -218,16 +204,15 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     return out.view(result.shape)
 
 
-def fuse_lora(model, strategy_name: str = "single") -> int:
-    """Use _fused_lora_forward on every peft LoRA linear of `model`; return how many. Not under ZeRO-3 / FSDP2,
-    whose hooks gather lora_B's weight only when lora_B itself is called, and not on layers with LoRA dropout
-    (the fused add has no dropout): those keep peft's own forward."""
+def fuse_lora(model) -> int:
+    """Use _fused_lora_forward on every peft LoRA linear of `model`; return how many. Called only where the layout
+    says lora=fused (core/strategy.py: not under ZeRO-3 / FSDP2, whose hooks gather lora_B's weight only when
+    lora_B itself is called; peft in the tested versions). Layers with LoRA dropout keep peft's own forward (the
+    fused add has no dropout)."""
     import types
 
     import torch
 
-    if strategy_name not in ("single", "ddp", "zero2"):
-        return 0
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:

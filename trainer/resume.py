@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe, RecipeError
+from scalesft.core.recipe import Recipe, RecipeError
 
 RUN_FILE = "scalesft_run.json"
 
@@ -148,9 +148,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def identity(recipe: Recipe, train_dataset=None) -> dict[str, Any]:
     """What produced a run, as flat `field: value` pairs (JSON-safe). Reads files, loads nothing."""
-    from .config import redacted
+    from scalesft.core.secrets import redacted
 
-    fields = {k: v for k, v in _flatten(redacted(recipe.to_dict())).items() if k not in NOT_IDENTITY}
+    fields = {k: v for k, v in _flatten(redacted(recipe.to_dict(), os.environ)).items() if k not in NOT_IDENTITY}
     return {**fields, "data.content": data_fingerprint(recipe, train_dataset), **model_fingerprint(recipe),
             "scalesft.version": code_version()}
 

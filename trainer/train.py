@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe, RecipeError, load_recipe, redacted
+from scalesft.core.recipe import Recipe, RecipeError, load_recipe
+from scalesft.core.secrets import redacted
 
 
 @dataclass(kw_only=True)
@@ -33,32 +34,35 @@ class Resolved:
     liger: bool
     strategy: Any
     batch: Any
-    """launch.batch.BatchPlan (rows per micro-batch) or, for token micro-batches, launch.batch.TokenPlan once the
+    """core.batch.BatchPlan (rows per micro-batch) or, for token micro-batches, core.batch.TokenPlan once the
     data's lengths are known (None before)."""
     batching: Any = None
-    """launch.batch.Batching: what micro_batch_size (auto or an integer) means at this world size."""
+    """core.batch.Batching: what micro_batch_size (auto or an integer) means at this world size."""
 
 
 def resolve(recipe: Recipe, hw=None, strategy=None) -> Resolved:
     """Hardware-, strategy- and batch-dependent choices. Initialises the process group; loads nothing."""
-    from launch.batch import BatchError
-    from launch.memory import choose_batching
+    from scalesft.core import hardware
+    from scalesft.core.batch import BatchError
+    from scalesft.core.memory import choose_batching
 
-    from . import distributed, hardware
+    from . import distributed
+    from .assets import model_shape
+    from .hardware import detect
 
-    hw = hw or hardware.detect()
+    hw = hw or detect()
     hardware.check_quantization(recipe.quantization.bits, hw)
     prec = hardware.precision(recipe.training.precision, hw)
-    attn = hardware.attention(recipe.model.attn_implementation, hw)
     liger = hardware.use_liger(recipe.model.liger_kernel, hw)
     strategy = strategy or distributed.resolve(hw, recipe, prec)
     try:
-        batching = choose_batching(recipe, strategy=strategy.name, world_size=strategy.world_size, precision=prec,
-                                   gpu_gib=hw.gpu_memory_gib)
+        batching = choose_batching(recipe, model_shape(recipe.model.name_or_path), strategy=strategy.name,
+                                   world_size=strategy.world_size, precision=prec, gpu_gib=hw.gpu_memory_gib)
     except BatchError as e:
         raise RecipeError(str(e)) from None
-    return Resolved(precision=prec, compute_dtype=hardware.torch_dtype_name(prec), attn_implementation=attn,
-                    liger=liger, strategy=strategy, batch=batching.rows, batching=batching)
+    return Resolved(precision=prec, compute_dtype=hardware.torch_dtype_name(prec),
+                    attn_implementation=strategy.layout.attention, liger=liger, strategy=strategy,
+                    batch=batching.rows, batching=batching)
 
 
 def load_data(recipe: Recipe, tokenizer, is_main: bool):
@@ -193,7 +197,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     if is_main:
         for line in run_record.record(plan, world_size=s.world_size) + ([moved] if moved else []):
             print(line, flush=True)
-        resolved_yaml = yaml.safe_dump(redacted(recipe.to_dict()), allow_unicode=True, sort_keys=False)
+        resolved_yaml = yaml.safe_dump(redacted(recipe.to_dict(), os.environ), allow_unicode=True, sort_keys=False)
         (out / "recipe.yaml").write_text(resolved_yaml)
         print(f"[scalesft] resolved recipe written to {out / 'recipe.yaml'}", flush=True)
         if console.verbose():
@@ -203,7 +207,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
             os.environ.update(env)
             print(f"[scalesft] wandb run id {env['WANDB_RUN_ID']} (resume=allow)", flush=True)
     if r.batching.by_tokens:  # micro-batches of at most micro_batch_tokens: the accumulation follows the lengths
-        from launch.batch import BatchError
+        from scalesft.core.batch import BatchError
 
         from .batching import plan_run, row_lengths
 
@@ -217,9 +221,11 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
             raise RecipeError(str(e)) from None
     b = r.batch
     micro = f"micro_batch_tokens={b.micro_batch_tokens}" if r.batching.by_tokens else f"micro_batch={b.micro_batch_size}"
-    print(f"[scalesft] {s.log_line()} {micro} grad_accum={b.gradient_accumulation_steps} "
-          f"global_batch={b.global_batch_size} precision={r.precision} quant_storage={s.quant_storage} "
-          f"attn={r.attn_implementation} liger={r.liger}", flush=True)
+    print(f"[scalesft] {s.log_line()} · {micro} grad_accum={b.gradient_accumulation_steps} "
+          f"global_batch={b.global_batch_size} precision={r.precision} liger={r.liger}", flush=True)
+    if is_main:
+        for note in s.layout.notes:
+            print(f"[scalesft] {note}", flush=True)
 
     args = sft_config(recipe, r, has_eval=eval_dataset is not None)
     model = load_model(recipe.model, recipe.quantization, dtype=r.compute_dtype, attn=r.attn_implementation,
@@ -241,7 +247,8 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         trainer.token_batches = TokenBatchSampler(lengths, b, recipe.training.seed,
                                                   epoch_of=lambda: trainer_epoch(trainer))
     throughput.bind(trainer, recipe)  # token counts, per-log tokens/s, MFU and every rank's peak memory
-    fuse_lora(trainer.model, s.name)  # scale+add of each LoRA projection folded into one GEMM (bench/RESULTS.md)
+    if s.layout.lora == "fused":  # scale+add of each LoRA projection folded into one GEMM (bench/RESULTS.md)
+        fuse_lora(trainer.model)
     distributed.prepare_trainer(trainer, s)  # accelerate's state must match the launched strategy
     preemption.shield_trackers(trainer)  # a lost W&B connection stops W&B logging, never the run
     resume = plan.checkpoint
@@ -334,7 +341,7 @@ def _counting_trainer():
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .config import OneLineArgumentParser
+    from scalesft.core.errors import OneLineArgumentParser
 
     p = OneLineArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")

@@ -43,7 +43,7 @@ def slurm_cluster(tmp_path_factory) -> Cluster:
 @pytest.fixture(scope="session")
 def slurm_tiny(tmp_path_factory) -> dict[str, Path]:
     """A tiny random Llama + tokenizer + Korean Q/A rows of varying length (trainer/tiny.py)."""
-    from trainer.tiny import build
+    from scalesft.trainer.tiny import build
 
     root = tmp_path_factory.mktemp("slurm-tiny")
     model_dir, data_file = build(root, rows=64, seed=0)

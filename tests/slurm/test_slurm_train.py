@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from slurm_helpers import adapter_max_diff, job_env, run_train, submit_train, write_recipe
-from trainer.preemption import COMPLETE_MARKER, latest_complete_checkpoint
+from scalesft.trainer.preemption import COMPLETE_MARKER, latest_complete_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -61,7 +61,7 @@ def test_two_nodes_equal_one_node_two_processes(slurm_cluster, slurm_tiny, refer
     recipe = write_recipe(tmp_path / "recipe.yaml", slurm_tiny, tmp_path / "out")
     log = tmp_path / "job.log"
     t0 = time.monotonic()
-    p = slurm_cluster.run(sys.executable, "-m", "launch.cli", "slurm", str(recipe), "--nodes", "1",
+    p = slurm_cluster.run(sys.executable, "-m", "scalesft.launch.cli", "slurm", str(recipe), "--nodes", "1",
                           "--gpus-per-node", "0", "--procs-per-node", "2", f"--output={log}", "--time=10",
                           "--submit", env=job_env(tmp_path), cwd=tmp_path)
     job = re.search(r"submitted job (\d+): .*sbatch .*--nodes=1 ", p.stdout).group(1)

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import string
 
-from .config import DEFAULT_FIELDS, RecipeError
+from .errors import RecipeError
+
+DEFAULT_FIELDS: dict[str, dict[str, str]] = {
+    "qa": {"question": "question", "answer": "answer"},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
+    "messages": {"messages": "messages"},
+    "text": {"text": "text"},
+}
+
 
 # Seed 000 (kanana-1.5-8b): the Korean question/answer template.
 KO_QA = "### 질문: {question}\n\n### 답변: {answer}"

@@ -27,15 +27,16 @@ buckets, ZeRO/FSDP sharding) follow the strategies' definitions and are not yet 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from trainer.flops import PROJECTIONS, Shape
+from .batch import (BatchError, Batching, check_token_budget, max_token_accumulation, plan_auto_rows,
+                    plan_batch)
+from .flops import PROJECTIONS, Shape
+from .strategy import get_strategy
 
 GiB = 2**30
 C_H, C_F = 8.4, 3.0  # full activations of one decoder layer per token, in hidden / intermediate vectors
 TRANSIENT_H = 2.5  # per token, in hidden vectors (bf16)
-SHARDED = ("zero3", "fsdp2")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,16 +86,17 @@ def estimate(shape: Shape, *, bits: int | None, lora_r: int, micro_batch: int, s
     adapter, grads = p_lora * a_b, p_lora * a_b
     optimizer = p_lora * (2 if "8bit" in optim else 0.1 * a_b if optim == "adafactor" else 2 * a_b)
 
-    if strategy in SHARDED:
-        # parameters sharded; two decoder layers gathered at a time (current + prefetch)
+    spec = get_strategy("ddp" if strategy == "single" else strategy)  # the sharding is the strategy's (core/strategy.py)
+    if spec.shards_weights:
+        # parameters sharded (or offloaded); two decoder layers gathered at a time (current + prefetch)
         per_layer = weights * (linear / L) / max(linear + other, 1)
-        weights = weights / world_size + 2 * per_layer
+        weights = (0.0 if spec.offloads_to_cpu else weights / world_size) + 2 * per_layer
         adapter /= world_size
-    if strategy in SHARDED or strategy == "zero2":
+    if spec.shards_optimizer:
         grads /= world_size
-        optimizer /= world_size
-    elif strategy == "ddp" and world_size > 1:
-        grads *= 2  # gradient buckets beside the .grad tensors
+        optimizer = 0.0 if spec.offloads_to_cpu else optimizer / world_size
+    elif world_size > 1:
+        grads *= 2  # DDP: gradient buckets beside the .grad tensors
 
     tokens = micro_batch * seq_len
     stream_b = 4 if upcast_fp32 else 2
@@ -118,42 +120,10 @@ def choose_checkpointing(budget_gib: float, shape: Shape, **kw: Any) -> bool:
     return estimate(shape, checkpointing=False, **kw).total / GiB > budget_gib
 
 
-def model_shape(name_or_path: str) -> Shape | None:
-    """The decoder shape from a local model folder's config.json (builtin: names resolved); None if not local."""
-    import json
-
-    path = name_or_path
-    if path.startswith("builtin:"):
-        try:
-            from trainer.assets import builtin_model
-
-            path = str(builtin_model(path.removeprefix("builtin:")))
-        except Exception:  # noqa: BLE001 - no model files here: the plan just shows no estimate
-            return None
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():  # a hub id: its config.json in the local HF cache, if downloaded
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(name_or_path, "config.json")
-        except ValueError:  # a local path that does not exist, not a repo id
-            return None
-        if not isinstance(cached, str):
-            return None
-        cfg = Path(cached)
-    try:
-        raw = json.loads(cfg.read_text())
-        raw = raw.get("text_config", raw)
-        return Shape.from_config(raw)
-    except (ValueError, TypeError, KeyError):
-        return None
-
-
-def plan_memory(recipe, *, strategy: str, world_size: int, precision: str,
+def plan_memory(recipe, shape: Shape | None, *, strategy: str, world_size: int, precision: str,
                 tokens: int | None = None) -> dict[str, Any] | None:
     """For `scalesft plan`: predicted peak GiB per GPU with and without checkpointing, or None (shape unknown).
     tokens: the most one micro-step holds (default micro_batch_size x max_seq_length)."""
-    shape = model_shape(recipe.model.name_or_path)
     if shape is None or precision == "fp32":
         return None
     q, lo, t, d = recipe.quantization, recipe.lora, recipe.training, recipe.data
@@ -190,12 +160,11 @@ def tokens_that_fit(shape: Shape, gpu_gib: float, **kw: Any) -> int:
     return max(0, int((gpu_gib * HEADROOM * GiB - fixed) // per_token))
 
 
-def choose_batching(recipe, *, strategy: str, world_size: int, precision: str, gpu_gib: float | None = None):
+def choose_batching(recipe, shape: Shape | None, *, strategy: str, world_size: int, precision: str,
+                    gpu_gib: float | None = None) -> Batching:
     """The micro-batch of one world size: the recipe's integer micro_batch_size as it is, or (auto) a row count
-    (padded/packed data) or a token budget (padding-free data) sized by the memory model. Raises BatchError."""
-    from launch.batch import (BatchError, Batching, check_token_budget, max_token_accumulation, plan_auto_rows,
-                              plan_batch)
-
+    (padded/packed data) or a token budget (padding-free data) sized by the memory model for the model's shape
+    (None: not known here). Raises BatchError."""
     t, d = recipe.training, recipe.data
     G, L = t.global_batch_size, d.max_seq_length
     if t.micro_batch_size != "auto":
@@ -207,13 +176,12 @@ def choose_batching(recipe, *, strategy: str, world_size: int, precision: str, g
     elif precision == "fp32":  # CPU (or an fp32 GPU run): memory is not the limit
         budget, source = max(CPU_TOKENS, 2 * L), f"the CPU default (max({CPU_TOKENS}, 2 x max_seq_length))"
     else:
-        shape = model_shape(recipe.model.name_or_path)
         if shape is None:
             budget = max(CPU_TOKENS, 2 * L)
             source = (f"a default: the model's config.json is not local, so the memory model cannot size it "
                       f"(max({CPU_TOKENS}, 2 x max_seq_length); set training.micro_batch_tokens)")
         else:
-            source = f"the memory model (launch/memory.py) on {gpu_gib or DEFAULT_GPU_GIB:g} GiB per GPU"
+            source = f"the memory model (core/memory.py) on {gpu_gib or DEFAULT_GPU_GIB:g} GiB per GPU"
             q, lo = recipe.quantization, recipe.lora
             fit = tokens_that_fit(shape, gpu_gib or DEFAULT_GPU_GIB, bits=q.bits, lora_r=lo.r,
                                   lora_targets=lo.target_modules, double_quant=q.double_quant,
@@ -222,7 +190,7 @@ def choose_batching(recipe, *, strategy: str, world_size: int, precision: str, g
                                   checkpointing=t.gradient_checkpointing)
             if fit < L:
                 raise BatchError(f"one row of data.max_seq_length={L} tokens does not fit: the memory model "
-                                 f"(launch/memory.py) leaves room for {fit} tokens per micro-step on "
+                                 f"(core/memory.py) leaves room for {fit} tokens per micro-step on "
                                  f"{gpu_gib or DEFAULT_GPU_GIB:g} GiB; lower data.max_seq_length, turn on "
                                  "training.gradient_checkpointing, or shard the weights (--strategy zero3)")
             budget = min(fit, max(TOKEN_CAP, 2 * L))

@@ -14,32 +14,18 @@ Field names follow transformers / TRL / peft where those libraries have one. Ove
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
-import os
-import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A user error in a recipe or its inputs: one line naming the field and the fix."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, except that a usage error is one `scalesft: error:` line (no usage dump); --help is unchanged.
-    Subparsers inherit the class."""
-
-    def error(self, message: str):
-        print(f"scalesft: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+from .errors import RecipeError
+from .templates import DEFAULT_FIELDS
 
 
 @dataclass(kw_only=True, slots=True)
@@ -79,14 +65,6 @@ class LoraConfig:
     use_dora: bool = False
 
 
-DEFAULT_FIELDS: dict[str, dict[str, str]] = {
-    "qa": {"question": "question", "answer": "answer"},
-    "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
-    "messages": {"messages": "messages"},
-    "text": {"text": "text"},
-}
-
-
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     path: str
@@ -95,7 +73,7 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)
     """Map the format's field names to your column names, e.g. {question: q, answer: a}."""
     template: str = "auto"
-    """A name from trainer/templates.py (ko-qa, ko-alpaca, alpaca, chat, plain) or a literal string with
+    """A name from core/templates.py (ko-qa, ko-alpaca, alpaca, chat, plain) or a literal string with
     {field} placeholders whose last placeholder is the completion. auto: chat for messages, plain for text,
     ko-qa for qa, ko-alpaca for alpaca."""
     system_prompt: str | None = None
@@ -129,7 +107,7 @@ class TrainingConfig:
     Either way the loss is normalised over the whole global batch."""
     micro_batch_tokens: int | Literal["auto"] = "auto"
     """With micro_batch_size auto: the most tokens one micro-batch holds on one GPU (>= data.max_seq_length).
-    auto: from launch/memory.py's model of the recipe on the GPU's memory (capped at 16384), 4096 on CPU."""
+    auto: from core/memory.py's model of the recipe on the GPU's memory (capped at 16384), 4096 on CPU."""
     num_train_epochs: float = 1.0
     max_steps: int = -1
     """Optimizer steps; overrides num_train_epochs when > 0."""
@@ -399,7 +377,7 @@ def validate(r: Recipe) -> None:
     for ok, msg in checks:
         if not ok:
             raise RecipeError(msg)
-    from . import templates  # templates imports this module
+    from . import templates
 
     templates.check(templates.resolve(d.template, d.format), d.format)
     unknown = set(d.fields) - set(DEFAULT_FIELDS[d.format])
@@ -411,50 +389,3 @@ def validate(r: Recipe) -> None:
 def field_map(d: DataConfig) -> dict[str, str]:
     """The format's field names -> the dataset's column names."""
     return {**DEFAULT_FIELDS[d.format], **d.fields}
-
-
-SECRET_MARKERS = ("token", "api_key", "secret", "password", "passwd", "credential")
-"""A recipe key containing one of these holds a secret: its value is never written or printed."""
-SECRET_ENV_SUFFIXES = ("TOKEN", "_KEY", "SECRET", "PASSWORD")
-"""Environment variables whose name ends so (HF_TOKEN, WANDB_API_KEY, HUGGING_FACE_HUB_TOKEN, AWS_SECRET_ACCESS_KEY,
-...) hold secrets: their values are redacted wherever they appear in a recipe, a log line or a printed command."""
-HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{16,}")
-"""A Hugging Face access token, wherever it comes from."""
-REDACTED = "***"
-
-
-def _secret_key(key: Any, value: Any) -> bool:
-    """A key naming a secret. A count of tokens (training.micro_batch_tokens: 4096 or auto) is not one: it must
-    survive into the saved recipe.yaml, which a resumed or reloaded run reads back."""
-    k = str(key).lower()
-    if not any(m in k for m in SECRET_MARKERS):
-        return False
-    count = isinstance(value, int) or value == "auto"
-    return not (k.endswith("tokens") and count and not any(m in k for m in SECRET_MARKERS if m != "token"))
-
-
-def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The values (8 characters or more) of this environment's secret variables, longest first."""
-    env = os.environ if environ is None else environ
-    found = {v for k, v in env.items() if k.upper().endswith(SECRET_ENV_SUFFIXES) and len(v) >= 8}
-    return sorted(found, key=len, reverse=True)
-
-
-def redact_text(text: str, environ: Mapping[str, str] | None = None) -> str:
-    """text with every secret environment value and every Hugging Face token replaced by ***."""
-    for value in secret_values(environ):
-        text = text.replace(value, REDACTED)
-    return HF_TOKEN_PATTERN.sub(REDACTED, text)
-
-
-def redacted(obj: Any, environ: Mapping[str, str] | None = None) -> Any:
-    """A copy of a plain dict/list tree safe to write or print: values of secret-looking keys (token, api_key,
-    password, ...) replaced by ***, and secret environment values or Hugging Face tokens inside any string."""
-    if isinstance(obj, dict):
-        return {k: REDACTED if _secret_key(k, v) and v else redacted(v, environ)
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redacted(v, environ) for v in obj]
-    if isinstance(obj, str):
-        return redact_text(obj, environ)
-    return obj

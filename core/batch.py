@@ -111,7 +111,7 @@ def plan_auto_rows(global_batch_size: int, world_size: int, rows_that_fit: int) 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TokenPlan:
-    """Micro-batches sized by tokens, fixed for a whole run (launch/batch.py, micro_batch_size auto)."""
+    """Micro-batches sized by tokens, fixed for a whole run (core/batch.py, micro_batch_size auto)."""
 
     global_batch_size: int
     world_size: int

@@ -10,10 +10,7 @@ if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.done || exit 1
 fi
-# scalesft without installing it: the package maps the checkout's folders (pyproject.toml package-dir)
-mkdir -p /tmp/pkg/scalesft && cp scalesft/__init__.py /tmp/pkg/scalesft/
-for d in core launch trainer; do ln -sfn "$PWD/$d" /tmp/pkg/scalesft/$d; done
-export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # scalesft from this checkout (scalesft/__init__.py)
 python3 - <<'PY' 2>&1 | tee "$R/env.txt"
 import importlib, torch
 print("torch", torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.device_count())

@@ -15,13 +15,16 @@ Terms (bytes, per rank; what torch.cuda.max_memory_allocated sees, not the CUDA 
   c_f x intermediate values, calibrated on the H100 runs in bench/runs (Liger, bf16 stream, no dropout:
   c_h 8.4, c_f 3; without Liger's SwiGLU/RMSNorm +2 h +1 f; LoRA dropout keeps a copy of each projection's
   input: +6 h +1 f).
-- logits: without Liger's fused linear cross-entropy the [tokens x vocab] logits live in bf16 plus an fp32
-  copy and its fp32 gradient (10 B per vocab entry per token); with it, a chunk (negligible).
+- logits: on transformers' Trainer loss path without Liger's fused linear cross-entropy (the seeds' code) the
+  [tokens x vocab] logits live in bf16 plus an fp32 copy and its fp32 gradient (10 B per vocab entry per token);
+  with Liger, and on TRL's SFTTrainer (scalesft) either way, a chunk (negligible; measured).
 - transient: dequantized weights, allocator slack: 2.5 hidden vectors per token (calibrated).
 
-Checked against every peak measured in bench/runs (QLoRA and LoRA, checkpointing on and off, micro batch 4-16,
-Liger on and off, the seeds' fp32 upcast): within +-10% (tests/test_bench_memory.py). Multi-GPU terms (DDP
-buckets, ZeRO/FSDP sharding) follow the strategies' definitions and are not yet measured on GPUs.
+Fitted (C_H, C_F, TRANSIENT_H) on the 14 peaks measured on an H100 in bench/runs/h100_run{1,3}.json, and
+validated on 7 peaks measured later on an H200 (bench/runs/h200_run4.json: micro batch 4-16, sequence 1024 and
+2048, LoRA rank 16 and 64, 16-bit LoRA, Liger on and off, checkpointing off) that the fit never saw:
+tests/test_bench_memory.py holds both sets to VALIDATED_WITHIN. Multi-GPU terms (DDP buckets, ZeRO/FSDP
+sharding, ZeRO-3 offload) follow the strategies' definitions (core/strategy.py) and are not measured on GPUs.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from .flops import PROJECTIONS, Shape
 from .strategy import get_strategy
 
 GiB = 2**30
+VALIDATED_WITHIN = 0.10
+"""The estimate's measured error bound, on the fitted peaks and on the held-out ones (tests/test_bench_memory.py):
+the one place the tolerance is stated."""
 C_H, C_F = 8.4, 3.0  # full activations of one decoder layer per token, in hidden / intermediate vectors
 TRANSIENT_H = 2.5  # per token, in hidden vectors (bf16)
 
@@ -66,8 +72,11 @@ def estimate(shape: Shape, *, bits: int | None, lora_r: int, micro_batch: int, s
              checkpointing: bool = True, lora_targets="all-linear", double_quant: bool = True,
              liger: bool = True, lora_dropout: float = 0.0, optim: str = "adamw_torch",
              adapter_bytes: int | None = None, upcast_fp32: bool = False, strategy: str = "single",
-             world_size: int = 1) -> MemoryEstimate:
-    """Peak memory of one rank. adapter_bytes None: 2 (bf16) for quantized weights as TRL keeps them, else 4."""
+             world_size: int = 1, full_logits: bool = False) -> MemoryEstimate:
+    """Peak memory of one rank. adapter_bytes None: 2 (bf16) for quantized weights as TRL keeps them, else 4.
+    full_logits: the loss holds the whole [tokens x vocab] logits (transformers' Trainer without Liger, the seeds'
+    code path); TRL's SFTTrainer, which scalesft runs, does not (measured on the H200, bench/runs/h200_run4.json:
+    Liger off costs +0.4 GiB at 8k tokens where whole logits would be +9.8)."""
     h, f, L, V = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
     head = h * V
     embed = h * V
@@ -108,7 +117,7 @@ def estimate(shape: Shape, *, bits: int | None, lora_r: int, micro_batch: int, s
     layer_full = (c_h * h + c_f * f) * stream_b
     per_token = (L * h * stream_b + layer_full) if checkpointing else L * layer_full
     activations = tokens * per_token
-    logits = 0.0 if liger else tokens * V * 10
+    logits = tokens * V * 10 if full_logits and not liger else 0.0
     transient = tokens * TRANSIENT_H * h * 2 * (2 if upcast_fp32 else 1)
     return MemoryEstimate(weights=weights, adapter=adapter, gradients=grads, optimizer=optimizer,
                           activations=activations, logits=logits, transient=transient)

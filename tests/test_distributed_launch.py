@@ -40,8 +40,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR",
 
 
 class Run:
-    def __init__(self, name: str, out: Path, stdout: str, seconds: float):
+    def __init__(self, name: str, out: Path, stdout: str, seconds: float, recipe: Path, strategy: str, world: int):
         self.name, self.out, self.stdout, self.seconds = name, out, stdout, seconds
+        self.recipe, self.strategy, self.world = recipe, strategy, world
         self.metrics = json.loads((out / "train_metrics.json").read_text())
         self.ranks = [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank-*.json"))]
 
@@ -85,7 +86,7 @@ def launch(tiny, tmp_path_factory):
         seconds = time.perf_counter() - t
         assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         print(f"\n[launch] {name}: {seconds:.1f} s", flush=True)
-        done[name] = Run(name, out, proc.stdout + proc.stderr, seconds)
+        done[name] = Run(name, out, proc.stdout + proc.stderr, seconds, recipe, strategy, gpus or 1)
         return done[name]
 
     return run
@@ -99,6 +100,48 @@ def single(launch):
     return r
 
 
+START = re.compile(r"\[scalesft\] rank (\d+) \(local (\d+)\) of (\d+) on (\S+): (.*?) · (.*)")
+
+
+def start_lines(r: Run) -> dict[int, tuple[dict[str, str], str]]:
+    """Each rank's start line: {rank: (its layout key=values, the batch part)}."""
+    found = {}
+    for m in START.finditer(r.stdout):
+        found[int(m.group(1))] = (dict(kv.split("=", 1) for kv in m.group(5).split()), m.group(6))
+    return found
+
+
+def planned_layout(r: Run) -> dict[str, str]:
+    """`scalesft plan RECIPE --cpu --gpus-per-node W --strategy S --json`'s layout for this run, as the start
+    line writes values."""
+    import contextlib
+    import io
+
+    from scalesft.launch.cli import main as cli
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli(["plan", str(r.recipe), "--cpu", "--gpus-per-node", str(r.world), "--strategy", r.strategy,
+                    "--json"]) == 0
+    (entry,) = json.loads(buf.getvalue())
+    return {k: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in entry["layout"].items()}
+
+
+def check_layout(r: Run) -> dict[str, str]:
+    """The plan and every rank's own start line (and rank report, from the live Layout) agree on sharding,
+    device_map, quant storage, reentrancy, attention and LoRA fusing."""
+    planned = planned_layout(r)
+    lines = start_lines(r)
+    assert sorted(lines) == list(range(r.world)), r.stdout[-3000:]
+    for rank, (fields, _) in lines.items():
+        assert fields == planned, (rank, fields, planned)
+    for x in r.ranks:
+        assert {k: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in x["layout"].items()} == planned
+    return planned
+
+
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -110,16 +153,19 @@ def check_run(r: Run, single: Run, *, world: int, accumulation: int, strategy: s
 
     assert r.metrics["world_size"] == world and r.metrics["gradient_accumulation_steps"] == accumulation
     assert r.metrics["global_step"] == single.metrics["global_step"] == steps
-    # one start line per rank, with the resolved plan
-    for rank in range(world):
-        assert (f"rank {rank} (local {rank}) of {world}: strategy={strategy} device=cpu micro_batch=2 "
-                f"grad_accum={accumulation} global_batch={2 * accumulation * world} precision=fp32 "
-                f"quant_storage=None") in r.stdout
+    # one start line per rank: the layout `scalesft plan --json` printed for this strategy, and the batch plan
+    layout = check_layout(r)
+    assert layout["strategy"] == strategy and layout["attention"] == "sdpa" and layout["quant_storage"] == "none"
+    sharded = strategy in ("zero3", "zero3_offload", "fsdp2")
+    assert layout["sharded"] == str(sharded).lower() and layout["lora"] == ("peft" if sharded else "fused")
+    # the checkpoint reentrancy each backend needs: reentrant only under ZeRO-3
+    assert layout["checkpointing"] == ("reentrant" if strategy.startswith("zero3") else "non-reentrant")
+    for rank, (_, batch) in start_lines(r).items():
+        assert batch.startswith(f"micro_batch=2 grad_accum={accumulation} global_batch={2 * accumulation * world} "
+                                "precision=fp32"), batch
     # every rank reported, from a real process group of that size
     assert [x["rank"] for x in r.ranks] == list(range(world))
     assert all(x["process_group_size"] == world and x["strategy"] == strategy for x in r.ranks)
-    # the checkpoint reentrancy each backend needs: reentrant only under ZeRO-3
-    assert all(x["reentrant_checkpointing"] is (strategy == "zero3") for x in r.ranks)
     # identical full adapters on every rank, equal to the saved file (so the file is the whole adapter)
     saved = r.adapter()
     assert {x["adapter_digest"] for x in r.ranks} == {adapter_digest(saved)}
@@ -169,11 +215,21 @@ def test_zero3_two_processes(launch, single, tiny):
     for x in r.ranks:
         assert x["distributed_type"] == "DEEPSPEED" and x["zero_stage"] == 3
         assert x["zero3_partitioned_params"] > 0  # the base weights really are partitioned across ranks
-        assert x["reentrant_checkpointing"] is True
     diff = check_run(r, single, world=2, accumulation=2, strategy="zero3")
     print(f"[equivalence] zero3 x2 vs 1 process: {diff:.3g}")
     assert diff <= TOLERANCE
     reload(r, tiny)  # gathered whole: not the near-empty ZeRO-3 placeholder
+
+
+def test_zero3_offload_two_processes(launch, single, tiny):
+    """ZeRO-3 with weights and optimizer state offloaded to CPU memory (ds_configs/zero3_offload.json): its own
+    strategy name on the start line and in the plan, weights partitioned, the same adapter."""
+    r = launch("zero3_offload", gpus=2, strategy="zero3_offload")
+    for x in r.ranks:
+        assert x["distributed_type"] == "DEEPSPEED" and x["zero_stage"] == 3 and x["zero3_partitioned_params"] > 0
+    diff = check_run(r, single, world=2, accumulation=2, strategy="zero3_offload")
+    print(f"[equivalence] zero3_offload x2 vs 1 process: {diff:.3g}")
+    assert diff <= TOLERANCE
 
 
 def test_fsdp2_two_processes(launch, single, tiny):
@@ -212,11 +268,10 @@ def test_qlora_4bit_ddp_two_processes(launch, tiny):
     r = launch("qlora_ddp", gpus=2, strategy="ddp", quantization={"bits": 4})
     for x in r.ranks:
         assert x["distributed_type"] == "MULTI_CPU" and x["process_group_size"] == 2
-        assert x["params4bit"] > 0 and x["quant_storage"] == "uint8"  # 4-bit weights, whole on each rank
+        assert x["params4bit"] > 0  # 4-bit weights, whole on each rank
     assert len({x["adapter_digest"] for x in r.ranks}) == 1
-    for rank in range(2):
-        assert (f"rank {rank} (local {rank}) of 2: strategy=ddp device=cpu micro_batch=2 grad_accum=2 "
-                "global_batch=8 precision=fp32 quant_storage=uint8") in r.stdout
+    layout = check_layout(r)  # the plan and both ranks: uint8 storage, the model on each rank's device
+    assert (layout["quant_storage"], layout["device_map"], layout["lora"]) == ("uint8", "local_rank", "fused")
     assert r.metrics["global_step"] == STEPS and r.metrics["world_size"] == 2
     from scalesft.trainer.distributed import adapter_digest
 
@@ -318,9 +373,9 @@ def test_auto_token_micro_batches_ddp_two_processes(launch, bimodal):
     k = plan.gradient_accumulation_steps
     assert k >= 2 and r.metrics["gradient_accumulation_steps"] == k and r.metrics["micro_batch_tokens"] == 128
     assert one.metrics["gradient_accumulation_steps"] == 4
-    for rank in range(2):
-        assert (f"rank {rank} (local {rank}) of 2: strategy=ddp device=cpu micro_batch_tokens=128 grad_accum={k} "
-                "global_batch=8 precision=fp32") in r.stdout
+    check_layout(r)
+    for rank, (_, batch) in start_lines(r).items():
+        assert batch.startswith(f"micro_batch_tokens=128 grad_accum={k} global_batch=8 precision=fp32"), batch
     layouts = list(epoch_layouts(row_order(len(lengths), 0, 0), lengths, plan))[:STEPS]
     uneven = [(s, j) for s, lay in enumerate(layouts) for j in range(k) if len(lay[0][j]) != len(lay[1][j])]
     assert uneven  # micro-steps where the ranks hold different numbers of rows
@@ -344,6 +399,7 @@ def test_auto_token_micro_batches_zero3_two_processes(launch, bimodal):
     r = launch("auto_zero3", gpus=2, strategy="zero3", data={"path": bimodal},
                training={"micro_batch_size": "auto", "micro_batch_tokens": 128})
     assert all(x["zero_stage"] == 3 and x["zero3_partitioned_params"] > 0 for x in r.ranks)
+    assert check_layout(r)["checkpointing"] == "reentrant"
     assert r.metrics["global_step"] == STEPS and r.metrics["gradient_accumulation_steps"] >= 2
     diff = max_abs_diff(r.adapter(), one.adapter())
     print(f"[equivalence] auto (tokens <= 128) zero3 x2 vs 1 process micro 2: {diff:.3g}")

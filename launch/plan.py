@@ -5,8 +5,14 @@
 For every (nodes x gpus-per-node) asked: micro batch (rows, or with micro_batch_size auto on padding-free data a
 token budget per micro-step), gradient accumulation, global batch, the most tokens one optimizer step can hold,
 steps per epoch (when the data is a local file), precision, checkpointing, the resolved QLoRA load settings and
-the exact `accelerate launch` command for node 0. A world size that cannot run the recipe is marked with the
-reason and the nearest valid global batch; the others are still planned. Loads no model.
+the exact `accelerate launch` command of every node (machine rank 0..nodes-1). A world size that cannot run the
+recipe is marked with the reason and the nearest valid global batch; the others are still planned. Loads no
+model.
+
+The commands come from launch/render.py render_launch, the renderer each Slurm node calls (launch/slurm.py
+node_command): on Slurm every node runs exactly its command here, except that the launcher is
+`python -m accelerate.commands.launch` instead of `accelerate launch` and the main host and port
+(MAIN_NODE_IP and --port here) are filled in from the allocation. `scalesft slurm --dry-run` prints those.
 """
 
 from __future__ import annotations
@@ -79,10 +85,12 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
                     repeated = world - tail if 0 < tail < world else 0
             total = t.max_steps if t.max_steps > 0 else (None if spe is None else
                                                          max(1, round(spe * t.num_train_epochs)))
-            cmd = render_launch(recipe=recipe_path, overrides=overrides, strategy=strategy, num_processes=world,
-                                num_machines=n, machine_rank=0,
-                                main_process_ip=main_process_ip or ("MAIN_NODE_IP" if n > 1 else None),
-                                main_process_port=main_process_port, cpu=cpu, accelerate_config=accelerate_config)
+            cmds = [render_launch(recipe=recipe_path, overrides=overrides, strategy=strategy, num_processes=world,
+                                  num_machines=n, machine_rank=rank,
+                                  main_process_ip=main_process_ip or ("MAIN_NODE_IP" if n > 1 else None),
+                                  main_process_port=main_process_port, cpu=cpu, accelerate_config=accelerate_config)
+                    for rank in range(n)]
+            cmd = cmds[0]
             tokens = batching.micro_batch_tokens if batch is None else batch.micro_batch_size * L
             entries.append({
                 **head,
@@ -110,7 +118,9 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
                 "memory": (memory := plan_memory(recipe, shape, strategy=strategy, world_size=world,
                                                  precision=precision, tokens=tokens)),
                 "memory_unavailable": None if memory else _no_memory_reason(recipe, precision),
-                "command": cmd.shell(), "argv": cmd.argv, "env": cmd.env,
+                "command": cmd.shell(), "argv": cmd.argv, "env": cmd.env,  # node 0's
+                "node_commands": [{"machine_rank": rank, "command": c.shell(), "argv": c.argv, "env": c.env}
+                                  for rank, c in enumerate(cmds)],
             })
     return entries
 
@@ -191,8 +201,12 @@ def format_plan(entries: list[dict[str, Any]], recipe_path: str) -> str:
     if e0.get("memory_unavailable"):
         lines.append(f"predicted peak memory: {e0['memory_unavailable']}")
     for e in ok:
-        lines.append(f"command (node 0 of {e['nodes']}, world size {e['world_size']}):")
-        lines.append(f"  {e['command']}")
+        for node in e["node_commands"]:
+            lines.append(f"command (node {node['machine_rank']} of {e['nodes']}, world size {e['world_size']}):")
+            lines.append(f"  {node['command']}")
+    if any(e["nodes"] > 1 for e in ok):
+        lines.append("on Slurm (scalesft slurm) each node runs its command above with `python -m "
+                     "accelerate.commands.launch` for `accelerate launch` and the allocation's main host and port")
     return "\n".join(lines)
 
 

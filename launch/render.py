@@ -19,6 +19,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from scalesft.core.strategy import get_strategy
 
@@ -59,30 +60,38 @@ def accelerate_config_path(strategy: str, override: str | Path | None = None) ->
 
 
 def render_launch(*, recipe: str | Path, overrides: list[str] | tuple[str, ...] = (), strategy: str = "ddp",
-                  num_processes: int, num_machines: int = 1, machine_rank: int | str = 0,
+                  num_processes: int, num_machines: int = 1, machine_rank: int = 0,
                   main_process_ip: str | None = None, main_process_port: int = 29500, cpu: bool = False,
                   threads_per_process: int | None = None, accelerate_config: str | Path | None = None,
                   ds_config: str | Path | None = None, accelerate: str = "accelerate",
+                  launcher: Sequence[str] | None = None,
                   module: str = "scalesft.trainer.train") -> LaunchCommand:
     """The command that starts `num_processes` processes in all (over `num_machines` machines) running
     `python -m {module} RECIPE OVERRIDES...` under `strategy`.
 
-    machine_rank may be a string such as "$SLURM_NODEID" for a template evaluated on each node."""
+    launcher: the words before accelerate's options (default `[accelerate, "launch"]`; Slurm nodes run
+    `[python, "-m", "accelerate.commands.launch"]`, launch/slurm.py node_command). Over several machines the
+    command is machine `machine_rank`'s and uses torchrun's static rendezvous with no restarts
+    (`--rdzv_backend static --max_restarts 0 --monitor_interval 1`): a failed rank ends the run."""
     spec = get_strategy(strategy)
     if num_processes < 1 or num_machines < 1:
         raise LaunchError(f"need at least one process and one machine, got {num_processes} on {num_machines}")
     if num_processes % num_machines:
         raise LaunchError(f"{num_processes} processes do not split evenly over {num_machines} machines")
+    if not 0 <= machine_rank < num_machines:
+        raise LaunchError(f"machine rank {machine_rank} is not one of the {num_machines} machines (0..{num_machines - 1})")
     if num_machines > 1 and not main_process_ip:
         raise LaunchError("a launch over several machines needs the main process address: pass --main-process-ip")
     if not 0 <= main_process_port <= 65535:
         raise LaunchError(f"main process port {main_process_port} is not a port number (0 picks a free one)")
     config = accelerate_config_path(strategy, accelerate_config)
-    argv = [accelerate, "launch", "--config_file", str(config),
+    argv = [*(launcher if launcher is not None else (accelerate, "launch")), "--config_file", str(config),
             "--num_processes", str(num_processes), "--num_machines", str(num_machines)]
     if num_machines > 1:
         argv += ["--machine_rank", str(machine_rank), "--main_process_ip", str(main_process_ip)]
     argv += ["--main_process_port", str(main_process_port)]
+    if num_machines > 1:
+        argv += ["--rdzv_backend", "static", "--max_restarts", "0", "--monitor_interval", "1"]
     if spec.ds_config is not None:
         ds = Path(ds_config) if ds_config is not None else DS_CONFIG_DIR / spec.ds_config
         if not ds.is_file():

@@ -3,8 +3,9 @@
     scalesft train RECIPE [section.key=value ...] --gpus N --strategy ddp|zero2|zero3|zero3_offload|fsdp2 [--dry-run]
 
 Everything that can be wrong is checked before a process starts (batch divisibility, strategy vs
-quantization, rows vs processes, config files, the main process port). `execute` is the only place in
-scalesft that starts a command: an argv list and an env dict, never a shell string.
+quantization, rows vs processes, config files, the main process port). `run_command` (a child process) and
+`exec_command` (this process replaced, as each Slurm node does) are the only places in scalesft that start a
+command: an argv list and an env dict, never a shell string.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from scalesft.core.hardware import precision as resolve_precision
 from scalesft.core.memory import choose_batching
@@ -43,6 +45,15 @@ def run_command(argv: list[str], env: dict[str, str] | None = None, *, inherit_e
     full = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
     return subprocess.run(argv, env=full, cwd=cwd, capture_output=capture, text=True, timeout=timeout,
                           check=False)
+
+
+def exec_command(cmd: LaunchCommand) -> NoReturn:
+    """Replace this process with the rendered command (os.execvpe: same pid, so signals sent to this process
+    reach it), its variables on top of this environment. Signal dispositions set to SIG_IGN stay ignored
+    across the exec; handlers return to their defaults."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd.argv[0], cmd.argv, {**os.environ, **cmd.env})
 
 
 def execute(cmd: LaunchCommand, *, cwd: str | Path | None = None) -> int:

@@ -1,28 +1,37 @@
-"""Slurm: render the sbatch invocation of slurm/train.sh, check a job's allocation, print a dry run.
+"""Slurm: render the sbatch invocation of slurm/train.sh, check a job's allocation, render and run each node's
+command, print a dry run.
 
-    scalesft slurm RECIPE [section.key=value ...] --nodes N --gpus-per-node G [--partition P --time T
-                   --account A ...] (--dry-run | --submit)
+    scalesft slurm RECIPE [section.key=value ...] --nodes N --gpus-per-node G [--strategy S] [--partition P
+                   --time T --account A ...] (--dry-run | --submit)
+    python -m scalesft.launch.slurm preflight RECIPE [overrides]      # the batch step, before any node starts
+    python -m scalesft.launch.slurm node [--print] RECIPE [overrides] # each node's srun task
 
 `render_sbatch` is pure: it returns the sbatch argv and the variables to add to the environment; `submit` is
 the one place that runs it. The template reads the variables (SCALESFT_*) in the batch step, and calls
-`python -m scalesft.launch.slurm preflight` there to check the allocation against them before any node starts.
-No torch import here.
+`preflight` there to check the allocation against them before any node starts. Each node's srun task runs
+`node`, which renders that node's `accelerate launch` with `node_command` (launch/render.py render_launch, the
+renderer `scalesft plan` uses: the same argv and variables, except `python -m accelerate.commands.launch` for
+`accelerate launch` and the main host and port, which Slurm fills in from the allocation) and replaces itself
+with it (launch/run.py exec_command). `node --print` prints that command instead: the dry run shows every
+node's. No torch import here.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from scalesft.core.batch import BatchError
-from scalesft.launch.render import LaunchCommand
-from scalesft.launch.run import run_command
+from scalesft.core.strategy import STRATEGIES, get_strategy
+from scalesft.launch.render import LaunchCommand, LaunchError, render_launch
+from scalesft.launch.run import exec_command, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "slurm" / "train.sh"
@@ -48,13 +57,17 @@ def render_sbatch(*, recipe: str | Path, overrides: list[str] | tuple[str, ...] 
                   gpus_per_node: int, procs_per_node: int | None = None, partition: str | None = None,
                   time: str | None = None, account: str | None = None, qos: str | None = None,
                   job_name: str | None = None, output: str | None = None, signal_seconds: int | None = None,
-                  profile: str | None = None, accelerate_config: str | Path | None = None,
-                  ds_config: str | Path | None = None, extra_sbatch_args: list[str] | tuple[str, ...] = (),
-                  python: str | None = None, template: str | Path = TEMPLATE,
-                  home: str | Path = ROOT) -> SbatchCommand:
+                  profile: str | None = None, strategy: str | None = None,
+                  accelerate_config: str | Path | None = None, ds_config: str | Path | None = None,
+                  extra_sbatch_args: list[str] | tuple[str, ...] = (), python: str | None = None,
+                  template: str | Path = TEMPLATE, home: str | Path = ROOT) -> SbatchCommand:
     """The sbatch invocation that trains `recipe` on `nodes` x `gpus_per_node` (0: CPU nodes, one process
     each unless procs_per_node says otherwise). Options left None keep the template's #SBATCH default.
+    strategy: SCALESFT_STRATEGY (the template's default: ddp); each node renders its command from it, with the
+    strategy's shipped configs unless accelerate_config / ds_config name others.
     python: the interpreter every node runs (default: the profile's, python3 on the job's PATH)."""
+    if strategy is not None and strategy not in STRATEGIES:
+        raise SlurmError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
     for name, value, low in (("nodes", nodes, 1), ("gpus_per_node", gpus_per_node, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise SlurmError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
@@ -81,6 +94,8 @@ def render_sbatch(*, recipe: str | Path, overrides: list[str] | tuple[str, ...] 
         env["SCALESFT_PROCS_PER_NODE"] = str(procs_per_node)
     if profile:
         env["SCALESFT_PROFILE"] = str(profile)
+    if strategy:
+        env["SCALESFT_STRATEGY"] = strategy
     if accelerate_config:
         env["SCALESFT_ACCELERATE_CONFIG"] = str(accelerate_config)
     if ds_config:
@@ -219,6 +234,72 @@ def preflight(recipe_path: str, overrides: list[str], env: Mapping[str, str] | N
     return alloc, warnings
 
 
+# ---------------------------------------------------------------- each node's command
+
+NODE_LAUNCHER = ("-m", "accelerate.commands.launch")
+"""What a node runs after its python for `accelerate launch` (no `accelerate` script on PATH needed)."""
+
+
+def _required_int(env: Mapping[str, str], key: str, low: int, why: str) -> int:
+    value = _int(env, key)
+    if value is None:
+        raise SlurmError(f"{key} is not set: {why}")
+    if value < low:
+        raise SlurmError(f"{key}={value} must be >= {low}")
+    return value
+
+
+def node_command(env: Mapping[str, str], recipe: str | Path, overrides: Sequence[str] = (), *,
+                 python: str) -> LaunchCommand:
+    """The command node SLURM_NODEID of the job runs: render_launch (the renderer of `scalesft plan`) with that
+    node's machine rank, SLURM_NNODES machines, SLURM_NNODES x SCALESFT_PROCS_PER_NODE processes, the main
+    process at SCALESFT_MAIN_HOST:SCALESFT_MAIN_PORT, SCALESFT_STRATEGY (default ddp) with its shipped configs
+    unless SCALESFT_ACCELERATE_CONFIG / SCALESFT_DS_CONFIG name others, the strategy's CPU variables when
+    SCALESFT_DEVICE is cpu, and `python -m accelerate.commands.launch` as the launcher. Reads only `env` and
+    whether the config files exist; raises SlurmError (one line) for a missing or invalid variable."""
+    from_template = "slurm/train.sh exports it in the batch step"
+    nodes = _required_int(env, "SLURM_NNODES", 1, "Slurm sets it in every job step")
+    rank = _required_int(env, "SLURM_NODEID", 0, "Slurm sets it in every job step")
+    if rank >= nodes:
+        raise SlurmError(f"SLURM_NODEID={rank} but SLURM_NNODES={nodes}: node ids run 0..{nodes - 1}")
+    procs = _required_int(env, "SCALESFT_PROCS_PER_NODE", 1, from_template)
+    port = _required_int(env, "SCALESFT_MAIN_PORT", 0, "the cluster profile sets it (slurm/profiles/default.env)")
+    if port > 65535:
+        raise SlurmError(f"SCALESFT_MAIN_PORT={port} is not a port number")
+    host = env.get("SCALESFT_MAIN_HOST", "").strip()
+    if not host:
+        raise SlurmError(f"SCALESFT_MAIN_HOST is not set: {from_template} (the first node of the allocation)")
+    device = env.get("SCALESFT_DEVICE", "")
+    if device not in ("gpu", "cpu"):
+        raise SlurmError(f"SCALESFT_DEVICE={device!r} must be gpu or cpu: {from_template} (preflight's device)")
+    strategy = env.get("SCALESFT_STRATEGY") or "ddp"
+    if strategy not in STRATEGIES:
+        raise SlurmError(f"SCALESFT_STRATEGY={strategy!r} is not a strategy: choose one of {', '.join(STRATEGIES)}")
+    configs = {key: env.get(key) or None for key in ("SCALESFT_ACCELERATE_CONFIG", "SCALESFT_DS_CONFIG")}
+    for key, path in configs.items():
+        if path is not None and not Path(path).is_file():
+            raise SlurmError(f"{key} '{path}' does not exist on this node: name an existing file on a "
+                             "filesystem every node mounts, or unset it to use the strategy's shipped one")
+    if configs["SCALESFT_DS_CONFIG"] and get_strategy(strategy).ds_config is None:
+        raise SlurmError(f"SCALESFT_DS_CONFIG is set but SCALESFT_STRATEGY={strategy} is not a DeepSpeed strategy: "
+                         "set SCALESFT_STRATEGY to zero2, zero3 or zero3_offload, or unset SCALESFT_DS_CONFIG")
+    try:
+        return render_launch(recipe=recipe, overrides=tuple(overrides), strategy=strategy,
+                             num_processes=nodes * procs, num_machines=nodes, machine_rank=rank,
+                             main_process_ip=host, main_process_port=port, cpu=device == "cpu",
+                             accelerate_config=configs["SCALESFT_ACCELERATE_CONFIG"],
+                             ds_config=configs["SCALESFT_DS_CONFIG"], launcher=(python, *NODE_LAUNCHER))
+    except LaunchError as e:
+        raise SlurmError(str(e)) from None
+
+
+def recipe_unreadable(recipe: str, node: str) -> str | None:
+    """The error line when this node cannot read the recipe (it lives on a filesystem this node lacks)."""
+    if os.path.isfile(recipe) and os.access(recipe, os.R_OK):
+        return None
+    return f"recipe {recipe} is not readable on node {node}: put it on a filesystem every node mounts"
+
+
 # ---------------------------------------------------------------- dry run and submission
 
 def dry_run(cmd: SbatchCommand) -> str:
@@ -313,9 +394,6 @@ def check_job_options(*, partition: str | None, time: str | None, nodes: int, gp
 def _run_cli(args) -> int:
     from scalesft.core.recipe import RecipeError, load_recipe
 
-    from scalesft.launch.render import ACCELERATE_CONFIG_DIR, DS_CONFIG_DIR
-    from scalesft.core.strategy import get_strategy
-
     if not Path(args.recipe).is_file():
         raise RecipeError(f"recipe '{args.recipe}' does not exist: pass a path to a YAML recipe on a filesystem "
                           "every node mounts")
@@ -343,9 +421,7 @@ def _run_cli(args) -> int:
         recipe=os.path.abspath(args.recipe), overrides=args.overrides, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node, partition=args.partition,
         time=args.time, account=args.account, qos=args.qos, job_name=args.job_name, output=args.output,
-        signal_seconds=args.signal_seconds, profile=args.profile,
-        accelerate_config=None if spec.name == "ddp" else ACCELERATE_CONFIG_DIR / spec.accelerate_config,
-        ds_config=DS_CONFIG_DIR / spec.ds_config if spec.ds_config else None,
+        signal_seconds=args.signal_seconds, profile=args.profile, strategy=spec.name,
         extra_sbatch_args=args.sbatch_arg, python=os.environ.get("SCALESFT_PYTHON") or sys.executable)
     if args.dry_run:
         print(dry_run(cmd), end="")
@@ -371,8 +447,36 @@ def _preflight_main(argv: list[str]) -> int:
     return 0
 
 
+def _node_main(argv: list[str]) -> int:
+    """A node's srun task: check the recipe is readable here, ignore SIGUSR1 (the ignore survives the exec, so
+    the launcher does not die of it; the trainers install their own handlers), then exec node_command's command.
+    With --print: print that command (LaunchCommand.shell) instead."""
+    show = argv[:1] == ["--print"]
+    args = argv[1:] if show else argv
+    if not args:
+        print("usage: python -m scalesft.launch.slurm node [--print] RECIPE [overrides]", file=sys.stderr)
+        return 2
+    node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    try:
+        error = recipe_unreadable(args[0], node)
+        if error:
+            raise SlurmError(error)
+        cmd = node_command(os.environ, args[0], args[1:], python=sys.executable)
+    except SlurmError as e:
+        print(f"scalesft-slurm: error: {e}", file=sys.stderr)
+        return 2
+    if show:
+        print(cmd.shell())
+        return 0
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    exec_command(cmd)
+
+
+_COMMANDS = {"preflight": _preflight_main, "node": _node_main}
+
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "preflight":
-        sys.exit(_preflight_main(sys.argv[2:]))
-    print("usage: python -m scalesft.launch.slurm preflight RECIPE [overrides]  (or: scalesft slurm --help)", file=sys.stderr)
+    if len(sys.argv) >= 2 and sys.argv[1] in _COMMANDS:
+        sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))
+    print("usage: python -m scalesft.launch.slurm preflight|node [--print] RECIPE [overrides]  "
+          "(or: scalesft slurm --help)", file=sys.stderr)
     sys.exit(2)

@@ -7,9 +7,12 @@
 # The #SBATCH lines below are defaults; options on the sbatch command line override them. They hold no
 # shell variables: bash does not expand them there, and sbatch reads them before any shell runs.
 #
-# What it does: one srun task per node, each running `accelerate launch` with --machine_rank "$SLURM_NODEID"
-# evaluated ON that node, --num_processes = nodes x processes per node (from the allocation: GPUs on the
-# node, or SCALESFT_PROCS_PER_NODE), the main process on the first host of `scontrol show hostnames`.
+# What it does: the batch step checks the recipe and the allocation (`python -m scalesft.launch.slurm
+# preflight`), then starts one srun task per node: `python -m scalesft.launch.slurm node RECIPE ...`, which
+# asks the Python renderer (launch/render.py, the one `scalesft plan` uses) for THAT node's command, with
+# --machine_rank = its SLURM_NODEID, --num_processes = nodes x processes per node (from the allocation: GPUs
+# on the node, or SCALESFT_PROCS_PER_NODE), the main process on the first host of `scontrol show hostnames`,
+# and execs it (`python -m accelerate.commands.launch ...`). This script assembles no launch command itself.
 #
 # Preemption: USR1 (sent by Slurm --signal=B:USR1@120 before the time limit, or by
 # `scancel --signal=USR1 --batch JOB`) is forwarded to the trainers, which agree to stop at the next
@@ -25,9 +28,12 @@
 #   SCALESFT_HOME              the scalesft checkout to run from (default: the submit directory)
 #   SCALESFT_PROCS_PER_NODE    processes per node (default: GPUs allocated on the node; 1 without GPUs)
 #   SCALESFT_NODES, SCALESFT_GPUS_PER_NODE   what the submitter asked for; checked against the allocation
-#   SCALESFT_ACCELERATE_CONFIG accelerate config (default: $SCALESFT_HOME/accelerate_configs/ddp.yaml)
-#   SCALESFT_DS_CONFIG         DeepSpeed json for a DeepSpeed accelerate config (optional)
-#   SCALESFT_DRY_RUN=1         print the resolved launch and exit (used by `scalesft slurm --dry-run`)
+#   SCALESFT_STRATEGY          ddp (default), zero2, zero3, zero3_offload or fsdp2 (`scalesft slurm --strategy`)
+#   SCALESFT_ACCELERATE_CONFIG accelerate config (default: the strategy's, in accelerate_configs/)
+#   SCALESFT_DS_CONFIG         DeepSpeed json (default: the DeepSpeed strategy's, in ds_configs/)
+#   SCALESFT_DRY_RUN=1         print the srun step and every node's command, and exit (`scalesft slurm --dry-run`)
+# The batch step exports SCALESFT_MAIN_HOST, SCALESFT_MAIN_PORT, SCALESFT_PROCS_PER_NODE and SCALESFT_DEVICE
+# (gpu or cpu) for the nodes; on CPU the strategy's variables (core/strategy.py cpu_env) are in each command.
 #
 #SBATCH --job-name=scalesft
 #SBATCH --nodes=1
@@ -60,7 +66,6 @@ export PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}"
 # run ended, and where this script asks it to stop even if a signal came before the trainers listened: a new
 # private folder (mktemp -d: unpredictable name, mode 0700), so no other user can pre-create, read or
 # symlink it. Removed when the script exits.
-export SCALESFT_RECIPE=$recipe
 if [[ ${SCALESFT_DRY_RUN:-0} != 1 ]]; then
     state_dir=$(mktemp -d "${TMPDIR:-/tmp}/scalesft-${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}.XXXXXXXX") \
         || die "cannot create a private state folder in ${TMPDIR:-/tmp} on $(hostname): set TMPDIR to a writable folder"
@@ -89,39 +94,35 @@ if [[ -n ${SCALESFT_MAIN_HOST:-} ]]; then
 else
     main_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 fi
-accelerate_config=${SCALESFT_ACCELERATE_CONFIG:-$home/accelerate_configs/ddp.yaml}
-[[ -f $accelerate_config ]] || die "accelerate config '$accelerate_config' does not exist"
+# What each node's `scalesft.launch.slurm node` reads (srun passes the environment on).
+export SCALESFT_MAIN_HOST=$main_host SCALESFT_MAIN_PORT SCALESFT_PROCS_PER_NODE=$procs SCALESFT_DEVICE=$device
 
-if [[ $device == cpu ]]; then
-    # Without a GPU the processes must be told to use the CPU (gloo): `use_cpu` in a config file never
-    # reaches them. DeepSpeed has its own switch.
-    if [[ -n ${SCALESFT_DS_CONFIG:-} ]]; then export DS_ACCELERATOR=cpu; else export ACCELERATE_USE_CPU=true; fi
-fi
-
-launch_args=(--config_file "$accelerate_config" --num_machines "$nodes" --num_processes "$world"
-             --main_process_ip "$main_host" --main_process_port "$SCALESFT_MAIN_PORT"
-             --rdzv_backend static --max_restarts 0 --monitor_interval 1)
-[[ -z ${SCALESFT_DS_CONFIG:-} ]] || launch_args+=(--deepspeed_config_file "$SCALESFT_DS_CONFIG")
-# Evaluated on each node: the machine rank is that node's SLURM_NODEID. The launcher ignores USR1 (its
-# workers, the trainers, handle it); a recipe missing on a node fails there with a clear line.
-# shellcheck disable=SC2016
-node_cmd='trap "" USR1; [[ -r $SCALESFT_RECIPE ]] || { echo "scalesft-slurm: error: recipe $SCALESFT_RECIPE is not readable on node $SLURMD_NODENAME: put it on a filesystem every node mounts" >&2; exit 2; }; exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"'
 # shellcheck disable=SC2206
 srun_args=(srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 $SCALESFT_SRUN_ARGS)
-node_args=("$SCALESFT_PYTHON" "${launch_args[@]}" -m scalesft.trainer.train "$recipe" "$@")
-step=("${srun_args[@]}" bash -c "$node_cmd" "${node_args[@]}")
+step=("${srun_args[@]}" "$SCALESFT_PYTHON" -m scalesft.launch.slurm node "$recipe" "$@")
+# print_node_command ID ARGS...: the command node ID will exec, from the same code path as the step (`node
+# --print`). Run for node 0 before the step starts, so a bad setting fails here, before any node starts.
+print_node_command() {
+    local id=$1
+    shift
+    SLURM_NODEID=$id SLURM_NNODES=$nodes "$SCALESFT_PYTHON" -m scalesft.launch.slurm node --print "$recipe" "$@"
+}
 
 log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $procs process(es) ($device) = $world; main $main_host:$SCALESFT_MAIN_PORT; profile $profile"
 if [[ ${SCALESFT_DRY_RUN:-0} == 1 ]]; then
-    for var in ACCELERATE_USE_CPU DS_ACCELERATOR NCCL_NVLS_ENABLE TORCH_NCCL_ASYNC_ERROR_HANDLING; do
+    for var in NCCL_NVLS_ENABLE TORCH_NCCL_ASYNC_ERROR_HANDLING; do
         [[ -z ${!var:-} ]] || printf 'export %s=%q\n' "$var" "${!var}"
     done
-    printf '%q ' "${srun_args[@]}"
-    printf "bash -c '%s' " "$node_cmd"   # single-quoted as it is: evaluated on each node
-    printf '%q ' "${node_args[@]}"
+    printf '%q ' "${step[@]}"
     echo
+    for ((i = 0; i < nodes; i++)); do
+        echo "# node $i of $nodes execs:"
+        print_node_command "$i" "$@" || exit 2
+    done
     exit 0
 fi
+node0=$(print_node_command 0 "$@") || exit 2
+log "node 0 of $nodes execs: $node0"
 
 # In the background + wait: bash runs a trap only between commands, so a foreground srun would defer it.
 "${step[@]}" &

@@ -79,10 +79,15 @@ def test_render_cpu_takes_the_paths_that_work(strategy):
 
 def test_render_multi_node():
     cmd = render_launch(recipe="r.yaml", strategy="zero3", num_processes=16, num_machines=2,
-                        machine_rank="$SLURM_NODEID", main_process_ip="10.0.0.1", main_process_port=29600)
-    a = accelerate_view([c if c != "$SLURM_NODEID" else "1" for c in cmd.argv])
+                        machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29600)
+    a = accelerate_view(cmd.argv)
     assert (a.num_processes, a.num_machines, a.machine_rank, a.main_process_ip, a.main_process_port) == \
         (16, 2, 1, "10.0.0.1", 29600)
+    # what slurm/train.sh always ran over several nodes: static rendezvous, no restarts
+    assert (a.rdzv_backend, a.max_restarts, a.monitor_interval) == ("static", 0, 1)
+    assert "--rdzv_backend" not in render_launch(recipe="r.yaml", num_processes=2).argv
+    with pytest.raises(LaunchError, match="machine rank 2 is not one of the 2 machines"):
+        render_launch(recipe="r.yaml", num_processes=16, num_machines=2, machine_rank=2, main_process_ip="h")
     with pytest.raises(LaunchError, match="main process address"):
         render_launch(recipe="r.yaml", num_processes=16, num_machines=2)
     with pytest.raises(LaunchError, match="do not split evenly"):

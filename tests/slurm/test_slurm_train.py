@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from slurm_helpers import adapter_max_diff, job_env, run_train, submit_train, write_recipe
+from scalesft.launch.slurm import node_command
 from scalesft.trainer.preemption import COMPLETE_MARKER, latest_complete_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -54,6 +55,8 @@ def test_two_nodes_equal_one_node_two_processes(slurm_cluster, slurm_tiny, refer
     # One process on each node: both ranks are local rank 0, in a world of 2.
     assert "rank 0 (local 0) of 2" in text and "rank 1 (local 0) of 2" in text, text[-3000:]
     assert "2 node(s) x 1 process(es) (cpu) = 2" in text
+    assert re.search(r"node 0 of 2 execs: ACCELERATE_USE_CPU=true \S+ -m accelerate\.commands\.launch .*"
+                     r"--machine_rank 0 ", text), text[-3000:]
     assert "node-local filesystem" in text  # output_dir under /tmp on a 2-node job: warned
     assert json.loads((reference.output_dir / "train_metrics.json").read_text())["global_step"] == STEPS
 
@@ -182,6 +185,26 @@ def _rank_pid(job: str, rank: int) -> int | None:
     return None
 
 
+def _proc_argv_env(proc: Path) -> tuple[list[str], dict[str, str]] | None:
+    try:
+        env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+        argv = (proc / "cmdline").read_text().split("\0")[:-1]
+    except OSError:
+        return None
+    return argv, env
+
+
+def _node_launchers(job: str) -> dict[int, tuple[list[str], dict[str, str]]]:
+    """SLURM_NODEID -> (argv, environment) of the launcher each node's srun task exec'd in this job: the
+    processes running `python -m accelerate.commands.launch` (all nodes live on this host)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        got = proc.name.isdigit() and _proc_argv_env(proc)
+        if got and got[1].get("SLURM_JOB_ID") == job and got[0][1:3] == ["-m", "accelerate.commands.launch"]:
+            found[int(got[1]["SLURM_NODEID"])] = got
+    return found
+
+
 def test_dead_rank_fails_fast_and_keeps_a_loadable_checkpoint(slurm_cluster, slurm_tiny, tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.yaml", slurm_tiny, out, max_steps=100000, save_steps=3)
@@ -192,6 +215,13 @@ def test_dead_rank_fails_fast_and_keeps_a_loadable_checkpoint(slurm_cluster, slu
         assert time.monotonic() < deadline and slurm_cluster.state(job).get("JobState") in (
             "PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:] if log.exists() else "no log"
         time.sleep(0.05)
+    # What really runs on each node is node_command's rendering of that node's environment, rank = its node id.
+    launchers = _node_launchers(job)
+    assert sorted(launchers) == [0, 1], launchers
+    for node_id, (argv, env) in launchers.items():
+        cmd = node_command(env, str(recipe), [], python=argv[0])
+        assert argv == cmd.argv and argv[argv.index("--machine_rank") + 1] == str(node_id), (argv, cmd.argv)
+        assert cmd.env == {"ACCELERATE_USE_CPU": "true"} and cmd.env.items() <= env.items()
     pid = _rank_pid(job, 1)
     assert pid, "rank 1's process not found"
     os.kill(pid, signal.SIGKILL)
@@ -233,6 +263,7 @@ def test_bad_input_fails_in_the_batch_step(slurm_cluster, slurm_tiny, tmp_path):
         "gpus": (good, 1, {"SCALESFT_GPUS_PER_NODE": "8"}, "asked for 8 GPU(s) per node but the node has 0"),
         "recipe": (tmp_path / "nowhere.yaml", 1, {}, "nowhere.yaml' does not exist on"),
         "output_dir": (unwritable, 1, {}, "is not writable"),
+        "strategy": (good, 2, {"SCALESFT_STRATEGY": "zero4"}, "SCALESFT_STRATEGY='zero4' is not a strategy"),
     }
     # A recipe that exists on the first node (where the batch step checks it) but not on the second one.
     (slurm_cluster.dir / "nodes" / "n1" / "recipe.yaml").write_text(good.read_text())

@@ -180,6 +180,15 @@ def layout(*, strategy: str, world_size: int, hw: Hardware, precision: str, bits
     )
 
 
+def recipe_layout(recipe, *, strategy: str, world_size: int, hw: Hardware, precision: str) -> Layout:
+    """layout() for a recipe (core.recipe.Recipe): the one call both `scalesft plan` and the trainer make."""
+    q, lo = recipe.quantization, recipe.lora
+    return layout(strategy=strategy, world_size=world_size, hw=hw, precision=precision, bits=q.bits,
+                  compute_dtype=q.compute_dtype, gradient_checkpointing=recipe.training.gradient_checkpointing,
+                  attn_implementation=recipe.model.attn_implementation, lora_dropout=lo.dropout,
+                  use_dora=lo.use_dora)
+
+
 def planned_hardware(*, cpu: bool, flash_attn: bool = False, liger: bool = False, varlen_kernel: bool = False,
                      versions: dict[str, str | None] | None = None, gpu_memory_gib: float | None = None,
                      bitsandbytes: bool = True) -> Hardware:

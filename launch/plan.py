@@ -25,7 +25,7 @@ from typing import Any
 from scalesft.core.batch import BatchError, nearest_global_batches, repeated_rows_per_epoch, steps_per_epoch
 from scalesft.core.hardware import precision as resolve_precision
 from scalesft.core.memory import DEFAULT_GPU_GIB, choose_batching, plan_memory
-from scalesft.core.strategy import DTYPES, STRATEGIES, get_strategy, layout
+from scalesft.core.strategy import DTYPES, STRATEGIES, get_strategy, recipe_layout
 from scalesft.launch.preflight import check_rows, count_rows, train_rows, planned_hardware_here
 from scalesft.launch.render import LaunchError, render_launch
 
@@ -55,7 +55,8 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
     hw = planned_hardware_here(cpu=cpu, gpu_memory_gib=gpu_gib)
     precision = resolve_precision(t.precision, hw)
     shape = model_shape(recipe.model.name_or_path)
-    layout_of = {w: layout_for(recipe, strategy, w, hw, precision) for w in {n * g for n in nodes for g in gpus_per_node}}
+    layout_of = {w: recipe_layout(recipe, strategy=strategy, world_size=w, hw=hw, precision=precision)
+                 for w in {n * g for n in nodes for g in gpus_per_node}}
     rows = count_rows(recipe.data.path)
     n_train = None if rows is None else train_rows(rows, limit=recipe.data.limit,
                                                   eval_fraction=recipe.data.eval_fraction)
@@ -123,15 +124,6 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
                                   for rank, c in enumerate(cmds)],
             })
     return entries
-
-
-def layout_for(recipe, strategy: str, world: int, hw, precision: str):
-    """core.strategy.layout for this recipe: the same call the trainer makes (trainer/distributed.py)."""
-    q, lo = recipe.quantization, recipe.lora
-    return layout(strategy=strategy, world_size=world, hw=hw, precision=precision, bits=q.bits,
-                  compute_dtype=q.compute_dtype, gradient_checkpointing=recipe.training.gradient_checkpointing,
-                  attn_implementation=recipe.model.attn_implementation, lora_dropout=lo.dropout,
-                  use_dora=lo.use_dora)
 
 
 def _micro(e: dict[str, Any]) -> str:

@@ -73,12 +73,12 @@ def prepare_train(args: argparse.Namespace) -> LaunchCommand:
     device = args.device or "auto"
     port = DEFAULT_PORT if args.port is None else args.port
     cpu = device == "cpu" or (device == "auto" and not _cuda_available())
-    from scalesft.launch.plan import layout_for
+    from scalesft.core.strategy import recipe_layout
     from scalesft.trainer.assets import model_shape
 
     hw = planned_hardware_here(cpu=cpu)
     prec = resolve_precision(recipe.training.precision, hw)
-    layout_for(recipe, strategy, world, hw, prec)  # strategy vs quantization, before any process starts
+    recipe_layout(recipe, strategy=strategy, world_size=world, hw=hw, precision=prec)  # strategy vs quantization
     choose_batching(recipe, model_shape(recipe.model.name_or_path), strategy=strategy, world_size=world,
                     precision=prec)  # the batch math (micro_batch_size auto too)
     rows = count_rows(recipe.data.path)

@@ -247,8 +247,8 @@ def test_bad_input_is_one_line_before_anything_loads(name, tiny, tmp_path, capfd
     for k, v in env.items():
         monkeypatch.setenv(k, v) if v else monkeypatch.delenv(k, raising=False)
     if "HF_HUB_OFFLINE" in env:
-        from scalesft.trainer import checks
-        monkeypatch.setattr(checks, "_HUB_STATE", {})
+        from scalesft.trainer import hub
+        monkeypatch.setattr(hub, "_HUB_STATE", {})
     _no_model_loading(monkeypatch)
     before = _snapshot(out)
     capfd.readouterr()

@@ -6,18 +6,18 @@ and write nothing. Each failure is one RecipeError line naming the field, the va
     check_model_source(cfg)        a local model folder with config and weights, or a hub id that can be reached
     check_lora_targets(recipe)     every lora.target_modules entry names modules LoRA can adapt, checked on the
                                    model built on the meta device from its config (no weights read)
-    hub_reachable()                a TCP connect to the hub with a short timeout (offline detected at once)
+    (trainer/hub.py: is the hub reachable, one short TCP connect; offline mode)
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
 
 from scalesft.core.recipe import ModelConfig, Recipe, RecipeError
+
+from .hub import go_offline, hub_endpoint, hub_unreachable, offline_env
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf", "model.safetensors.index.json",
                    "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -66,51 +66,6 @@ def looks_local(name: str) -> bool:
     """A path rather than a hub id ('org/name' or 'name')."""
     return (name.startswith(("/", "./", "../", "~", "."))
             or name.count("/") > 1 or os.sep != "/" and os.sep in name or Path(name).expanduser().exists())
-
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    url = urlparse(hub_endpoint())
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def offline_env() -> bool:
-    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def go_offline() -> None:
-    """Offline mode for this process, also for libraries that read HF_HUB_OFFLINE at import time: loads from the
-    local cache then fail or succeed at once instead of retrying the network."""
-    import sys
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    for module, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-                          ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
-        mod = sys.modules.get(module)
-        for attr in attrs:
-            if mod is not None and hasattr(mod, attr):
-                setattr(mod, attr, True)
-
-
-_HUB_STATE: dict[str, bool] = {}
-
-
-def hub_unreachable() -> bool:
-    """Offline mode is on, or the hub does not answer a TCP connect (checked once per process)."""
-    if offline_env():
-        return True
-    if "reachable" not in _HUB_STATE:
-        _HUB_STATE["reachable"] = hub_reachable()
-    return not _HUB_STATE["reachable"]
 
 
 def network_or_offline(what: str, cached: bool) -> None:

@@ -219,7 +219,7 @@ def _from_python_rows(rows: list[Any], file: Path, cfg: DataConfig):
 def _load_hf_cache(name: str, split: str):
     import datasets
 
-    from .checks import go_offline, hub_unreachable
+    from .hub import go_offline, hub_unreachable
 
     if hub_unreachable():
         go_offline()  # the cached copy or an error at once, not ~50 s of retries

@@ -35,7 +35,7 @@ from typing import Any
 
 from scalesft.core.hardware import Hardware
 from scalesft.core.recipe import RecipeError
-from scalesft.core.strategy import Layout, StrategyError, layout, strategy_of
+from scalesft.core.strategy import Layout, StrategyError, recipe_layout, strategy_of
 
 
 @dataclass(kw_only=True)
@@ -134,7 +134,7 @@ def resolve(hw: Hardware, recipe, precision: str) -> Strategy:
     t = recipe.training
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # before the process group: a combination known not to work stops here, on every rank
-        planned = _layout(name, launched_world, hw, recipe, precision)
+        planned = recipe_layout(recipe, strategy=name, world_size=launched_world, hw=hw, precision=precision)
     except StrategyError as e:
         raise RecipeError(str(e)) from None
 
@@ -161,15 +161,6 @@ def resolve(hw: Hardware, recipe, precision: str) -> Strategy:
     device = f"cuda:{local}" if hw.cuda else "cpu"
     return Strategy(layout=planned, world_size=world, rank=rank, local_rank=local, device=device,
                     zero_stage=stage, fsdp_version=fsdp_version, args=args)
-
-
-def _layout(name: str, world: int, hw: Hardware, recipe, precision: str) -> Layout:
-    """core.strategy.layout for this recipe: the same call `scalesft plan` makes."""
-    q, lo = recipe.quantization, recipe.lora
-    return layout(strategy=name, world_size=world, hw=hw, precision=precision, bits=q.bits,
-                  compute_dtype=q.compute_dtype, gradient_checkpointing=recipe.training.gradient_checkpointing,
-                  attn_implementation=recipe.model.attn_implementation, lora_dropout=lo.dropout,
-                  use_dora=lo.use_dora)
 
 
 def prepare_trainer(trainer, s: Strategy) -> None:

@@ -131,3 +131,46 @@ def test_varlen_attention_equals_separate_rows_on_cuda(model_dir):
         ga, gb = dict(packed.named_parameters())[w].grad, dict(ref.named_parameters())[w].grad
         cos = torch.nn.functional.cosine_similarity(ga.flatten().float(), gb.flatten().float(), 0)
         assert cos > 0.999 and _rel(ga, gb) < 5 * BF16_REL, (w, cos)
+
+
+def _layout_values(d: dict) -> dict[str, str]:
+    return {k: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_plan_and_start_line_agree_on_cuda(strategy, tmp_path):
+    """A real QLoRA run on the GPU through `scalesft train --gpus 1 --strategy S`: the start line's layout (fused
+    LoRA and sdpa_varlen for DDP; bf16 quant storage, no device_map, peft's LoRA for FSDP2) is the one
+    `scalesft plan --json` printed, and the run trains."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from scalesft.trainer.tiny import build
+    from tinyrecipe import REPO, write_recipe
+
+    model, data = build(tmp_path, rows=64, seed=0)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", {"model": model, "data": data}, out, quantization={"bits": 4},
+                          training={"max_steps": 3, "micro_batch_size": "auto", "precision": "bf16"})
+    cli = [sys.executable, "-m", "scalesft.launch.cli"]
+    plan = subprocess.run([*cli, "plan", str(recipe), "--strategy", strategy, "--json"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    planned = _layout_values(json.loads(plan.stdout)[0]["layout"])
+    run = subprocess.run([*cli, "train", str(recipe), "--gpus", "1", "--strategy", strategy, "--port", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    text = run.stdout + run.stderr
+    assert run.returncode == 0, text[-5000:]
+    m = re.search(r"\[scalesft\] rank 0 \(local 0\) of 1 on cuda:0: (.*?) · ", text)
+    assert m, text[-3000:]
+    started = dict(kv.split("=", 1) for kv in m.group(1).split())
+    assert started == planned
+    expected = {"ddp": dict(strategy="single", sharded="false", device_map="local_rank", quant_storage="uint8",
+                            attention="sdpa_varlen", lora="fused"),
+                "fsdp2": dict(strategy="fsdp2", sharded="true", device_map="none", quant_storage="bfloat16",
+                              attention="sdpa_varlen", lora="peft")}[strategy]
+    assert {k: started[k] for k in expected} == expected
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["global_step"] == 3

@@ -1,10 +1,10 @@
-"""Which distributed strategy this process runs under, read from accelerate, and what it implies for model
-loading, the training arguments and saving. The one place where DDP / ZeRO-2 / ZeRO-3 / FSDP2 differ.
+"""Which distributed strategy this process runs under, read from accelerate, and the runtime work that follows
+from it. What each strategy implies (device_map, quant storage, reentrancy, LoRA fusing) is core/strategy.py's
+Layout, the same one `scalesft plan` prints; this module only reads what was launched and acts on it.
 
     resolve(hw, recipe, precision)   before the model loads: what `accelerate launch` asked for (accelerate's
-                                     own plugins read its launch variables), the process group (created here,
-                                     with training.ddp_timeout), and the load settings (device_map,
-                                     bnb_4bit_quant_storage, checkpoint reentrancy)
+                                     own plugins read its launch variables), its Layout (core.strategy), and
+                                     the process group (created here, with training.ddp_timeout)
     prepare_trainer(trainer, s)      after the Trainer is built: accelerate's state must match (FSDP2 on CPU
                                      is forced here: accelerate 1.15 only enables FSDP on GPUs)
     rank_report(trainer, s, out)     after training: what each rank really ran (ZeRO stage of the engine,

@@ -415,7 +415,7 @@ def _run_cli(args) -> int:
         raise SlurmError(f"{args.nodes} node(s) x {procs} process(es): {e}") from None
     check_output_dir(recipe.training.output_dir)
     warning = node_local_warning(recipe.training.output_dir, args.nodes)
-    if warning:
+    if warning and not args.dry_run:  # a dry run shows the batch step's own preflight, which says it once
         print(f"scalesft: {warning}", file=sys.stderr)
     cmd = render_sbatch(
         recipe=os.path.abspath(args.recipe), overrides=args.overrides, nodes=args.nodes,

@@ -1,5 +1,5 @@
 """The embedded default, end to end, exactly as `./dev demo` runs it: real SmolLM2-135M-Instruct (from a PyPI
-package) learns 32 Korean pairs; it must visibly answer questions from its training data with their answers,
+package) learns 20 Korean pairs; it must visibly answer questions from its training data with their answers,
 report the held-out loss before and after, and say so in a few quiet lines."""
 
 from __future__ import annotations

@@ -281,14 +281,14 @@ def test_qlora_4bit_ddp_two_processes(launch, tiny):
 
 def test_hung_rank_fails_after_ddp_timeout(tiny, tmp_path):
     """Rank 1 stops answering after step 2 (tests/hang_rank.py, a test-only callback around the real
-    entry point); rank 0 waits in the next collective. With training.ddp_timeout=20 the group created by
-    trainer/distributed.py gives up after 20 s (torch's default would be 30 min on gloo): rank 0 prints one
+    entry point); rank 0 waits in the next collective. With training.ddp_timeout=10 the group created by
+    trainer/distributed.py gives up after 10 s (torch's default would be 30 min on gloo): rank 0 prints one
     line naming itself and the timeout, and the launcher ends the job. The hung rank ignores SIGTERM (the
     trainer's handler only asks for a checkpoint), so torchrun kills it after its 30 s grace."""
     from scalesft.launch.render import render_launch
     from scalesft.launch.run import accelerate_executable
 
-    timeout = 20
+    timeout = 10
     recipe = write_recipe(tmp_path / "hang.yaml", tiny, tmp_path / "out",
                           training={"max_steps": 50, "ddp_timeout": timeout}, data={"max_seq_length": 128})
     cmd = render_launch(recipe=recipe, strategy="ddp", num_processes=2, main_process_port=0, cpu=True,

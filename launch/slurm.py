@@ -352,7 +352,9 @@ def add_arguments(p) -> None:
     p.add_argument("--output", help="log file pattern (default slurm-%%x-%%j.out)")
     p.add_argument("--signal-seconds", type=int, help="USR1 this many seconds before the time limit (default 120)")
     p.add_argument("--profile", help="cluster profile: a name in slurm/profiles/ or a path (default: default)")
-    p.add_argument("--strategy", default="ddp", help="ddp, zero2, zero3, zero3_offload, fsdp2")
+    from scalesft.core.strategy import STRATEGIES
+
+    p.add_argument("--strategy", default="ddp", choices=list(STRATEGIES))
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch option, repeatable")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dry-run", action="store_true", help="print the sbatch invocation and the launch; submit nothing")

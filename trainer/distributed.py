@@ -185,8 +185,8 @@ def prepare_trainer(trainer, s: Strategy) -> None:
         # On a CPU mesh torch's full-state-dict gather hands back the sharded DTensors themselves (their
         # storage is freed after resharding), so the saved adapter would be unreadable. Gather explicitly.
         trainer.accelerator.get_state_dict = _gathered_state_dict
-    expected = {"zero2": DistributedType.DEEPSPEED, "zero3": DistributedType.DEEPSPEED,
-                "fsdp2": DistributedType.FSDP}.get(s.name)
+    expected = (DistributedType.DEEPSPEED if s.zero_stage is not None else
+                DistributedType.FSDP if s.fsdp_version else None)  # from the strategy spec (launched())
     if expected is not None and state.distributed_type != expected:
         raise RecipeError(f"strategy {s.name} was launched but accelerate runs {state.distributed_type}: "
                           "launch with `scalesft train --strategy ...`")

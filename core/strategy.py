@@ -12,12 +12,7 @@ line (trainer/distributed.py): one function, so the two cannot disagree.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
-
 from .hardware import Hardware, attention, untested
-
-Strategy = Literal["ddp", "zero2", "zero3", "zero3_offload", "fsdp2"]
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StrategySpec:

@@ -5,6 +5,7 @@ Hardware it plans for. Nothing here looks at the machine.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .errors import RecipeError
@@ -20,16 +21,10 @@ TESTED: dict[str, dict[str, tuple[str, str]]] = {
 [lowest, first untested) per package. Outside them the stock path runs, and the start line says why."""
 
 
-def _release(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split("+")[0].split("."):
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        out.append(int(digits))
-        if not part.isdigit():
-            break
-    return tuple(out)
+def release(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: "2.11.0+cu130" -> (2, 11, 0), "5.23.0.dev0" -> (5, 23, 0)."""
+    found = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(n) for n in found.group().split(".")) if found else ()
 
 
 def untested(feature: str, versions: dict[str, str | None]) -> str | None:
@@ -38,7 +33,7 @@ def untested(feature: str, versions: dict[str, str | None]) -> str | None:
         v = versions.get(pkg)
         if v is None:
             return f"{pkg} is not installed"
-        if not _release(low) <= _release(v) < _release(high):
+        if not release(low) <= release(v) < release(high):
             return f"{pkg} {v} is outside the tested range >={low},<{high}"
     return None
 

@@ -129,8 +129,12 @@ class Layout:
 
     def line(self) -> str:
         """key=value pairs, as the start line prints them (parsed back by tests: values have no spaces)."""
-        return " ".join(f"{k}={'none' if v is None else str(v).lower() if isinstance(v, bool) else v}"
-                        for k, v in self.fields().items())
+        return " ".join(f"{k}={v}" for k, v in layout_text(self.fields()).items())
+
+
+def layout_text(fields: dict[str, object]) -> dict[str, str]:
+    """Layout fields (as `fields()` or plan --json's "layout" give them) as the start line writes them."""
+    return {k: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()}
 
 
 def layout(*, strategy: str, world_size: int, hw: Hardware, precision: str, bits: int | None,

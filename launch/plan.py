@@ -241,14 +241,19 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def plan_command(args: argparse.Namespace) -> int:
+def entries_for(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """plan_entries for the parsed `scalesft plan` arguments."""
     from scalesft.core.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides, nodes=args.nodes or [1],
-                           gpus_per_node=args.gpus_per_node or [1], strategy=args.strategy, cpu=args.cpu,
-                           main_process_port=args.port, accelerate_config=args.accelerate_config,
-                           gpu_memory_gib=args.gpu_memory or (None if args.cpu else _local_gpu_gib()))
+    return plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides, nodes=args.nodes or [1],
+                        gpus_per_node=args.gpus_per_node or [1], strategy=args.strategy, cpu=args.cpu,
+                        main_process_port=args.port, accelerate_config=args.accelerate_config,
+                        gpu_memory_gib=args.gpu_memory or (None if args.cpu else _local_gpu_gib()))
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    entries = entries_for(args)
     print(json.dumps(entries, indent=2) if args.json else format_plan(entries, args.recipe))
     if all("error" in e for e in entries):  # nothing can run: say why on stderr too, and fail
         raise BatchError(f"world size {entries[0]['world_size']}: {entries[0]['error']}")
@@ -278,14 +283,7 @@ def plan_cli(args: argparse.Namespace) -> int:
     out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            from scalesft.core.recipe import load_recipe
-
-            recipe = load_recipe(args.recipe, args.overrides)
-            entries = plan_entries(recipe, recipe_path=args.recipe, overrides=args.overrides,
-                                   nodes=args.nodes or [1], gpus_per_node=args.gpus_per_node or [1],
-                                   strategy=args.strategy, cpu=args.cpu, main_process_port=args.port,
-                                   accelerate_config=args.accelerate_config,
-                                   gpu_memory_gib=args.gpu_memory or (None if args.cpu else _local_gpu_gib()))
+            entries = entries_for(args)
         except ValueError as e:
             print(f"scalesft plan: error: {e}", file=sys.stderr)
             print(json.dumps({"error": str(e)}), file=out)

@@ -75,19 +75,14 @@ def planned_hardware_here(*, cpu: bool, gpu_memory_gib: float | None = None):
     """The machine a plan or launch is for (core.strategy.planned_hardware) with this machine's packages: which
     fast paths are installed and their versions, read from package metadata (torch is not imported)."""
     import importlib.util
-    from importlib.metadata import PackageNotFoundError, version
 
+    from scalesft.core.hardware import release
     from scalesft.core.strategy import planned_hardware
+    from scalesft.trainer.hardware import installed_versions
 
-    versions: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "peft"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    torch_release = tuple(int(p) for p in (versions["torch"] or "0.0").split("+")[0].split(".")[:2] if p.isdigit())
+    versions = installed_versions()
     return planned_hardware(cpu=cpu, flash_attn=importlib.util.find_spec("flash_attn") is not None,
                             liger=importlib.util.find_spec("liger_kernel") is not None,
-                            varlen_kernel=torch_release >= (2, 10),  # torch.nn.attention.varlen
+                            varlen_kernel=release(versions["torch"] or "0") >= (2, 10),  # torch.nn.attention.varlen
                             bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
                             versions=versions, gpu_memory_gib=gpu_memory_gib)

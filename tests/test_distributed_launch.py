@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from scalesft.launch.render import ACCELERATE_CONFIG_DIR
+from scalesft.core.strategy import layout_text
 from tinyrecipe import REPO, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -124,8 +125,7 @@ def planned_layout(r: Run) -> dict[str, str]:
         assert cli(["plan", str(r.recipe), "--cpu", "--gpus-per-node", str(r.world), "--strategy", r.strategy,
                     "--json"]) == 0
     (entry,) = json.loads(buf.getvalue())
-    return {k: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-            for k, v in entry["layout"].items()}
+    return layout_text(entry["layout"])
 
 
 def check_layout(r: Run) -> dict[str, str]:
@@ -137,8 +137,7 @@ def check_layout(r: Run) -> dict[str, str]:
     for rank, (fields, _) in lines.items():
         assert fields == planned, (rank, fields, planned)
     for x in r.ranks:
-        assert {k: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-                for k, v in x["layout"].items()} == planned
+        assert layout_text(x["layout"]) == planned
     return planned
 
 

@@ -133,10 +133,6 @@ def test_varlen_attention_equals_separate_rows_on_cuda(model_dir):
         assert cos > 0.999 and _rel(ga, gb) < 5 * BF16_REL, (w, cos)
 
 
-def _layout_values(d: dict) -> dict[str, str]:
-    return {k: "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for k, v in d.items()}
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_plan_and_start_line_agree_on_cuda(strategy, tmp_path):
     """A real QLoRA run on the GPU through `scalesft train --gpus 1 --strategy S`: the start line's layout (fused
@@ -147,6 +143,7 @@ def test_plan_and_start_line_agree_on_cuda(strategy, tmp_path):
     import subprocess
     import sys
 
+    from scalesft.core.strategy import layout_text
     from scalesft.trainer.tiny import build
     from tinyrecipe import REPO, write_recipe
 
@@ -158,7 +155,7 @@ def test_plan_and_start_line_agree_on_cuda(strategy, tmp_path):
     plan = subprocess.run([*cli, "plan", str(recipe), "--strategy", strategy, "--json"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert plan.returncode == 0, plan.stderr[-3000:]
-    planned = _layout_values(json.loads(plan.stdout)[0]["layout"])
+    planned = layout_text(json.loads(plan.stdout)[0]["layout"])
     run = subprocess.run([*cli, "train", str(recipe), "--gpus", "1", "--strategy", strategy, "--port", "0"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     text = run.stdout + run.stderr

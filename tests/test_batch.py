@@ -125,8 +125,8 @@ def test_repeated_rows_fill_exactly_whole_rounds(rows, micro, world):
 
 # ---- micro_batch_size: auto --------------------------------------------------------------------------------
 
-from scalesft.core.batch import (TokenPlan, deal, epoch_layouts, epoch_steps, interleave,  # noqa: E402
-                                 max_token_accumulation, nearest_global_batches, plan_auto_rows, plan_token_batches,
+from scalesft.core.batch import (deal, epoch_layouts, epoch_steps, interleave,  # noqa: E402
+                                 max_token_accumulation, nearest_global_batches, plan_token_batches,
                                  split_rows)
 
 MAX_LEN = 128

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from tinyrecipe import write_recipe
 from scalesft.core.recipe import load_recipe
-from scalesft.trainer.train import main, train
+from scalesft.trainer.train import train
 
 PROBE = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
 

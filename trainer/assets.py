@@ -21,6 +21,8 @@ from pathlib import Path
 from scalesft.core.recipe import RecipeError
 from scalesft.core.flops import Shape
 
+from .console import say
+
 
 def cache_root() -> Path:
     """Where scalesft keeps what it builds once (tokenized data, converted builtin models): SCALESFT_CACHE, else
@@ -55,7 +57,7 @@ def builtin_model(name: str) -> Path:
 
     t0 = time.perf_counter()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print(f"[scalesft] converting builtin:{name} (GGUF -> safetensors, once, ~20 s) into {target}", flush=True)
+        say(f"converting builtin:{name} (GGUF -> safetensors, once, ~20 s) into {target}")
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -71,7 +73,7 @@ def builtin_model(name: str) -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print(f"[scalesft] converted in {time.perf_counter() - t0:.0f} s", flush=True)
+        say(f"converted in {time.perf_counter() - t0:.0f} s")
     return target
 
 

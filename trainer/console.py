@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 
 VERBOSE_ENV = "SCALESFT_VERBOSE"
+
+
+def say(line: str, *, err: bool = False) -> None:
+    """Print one `[scalesft] ...` line in a single write, so lines from several ranks sharing one pipe never
+    interleave mid-line (print() writes the text and the newline separately, which shows under
+    PYTHONUNBUFFERED=1, as batch systems and containers often set)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(f"[scalesft] {line}\n")
+    stream.flush()
 
 
 def verbose() -> bool:
@@ -121,10 +131,9 @@ def console_callback():
             elapsed = time.perf_counter() - (self.t0 or time.perf_counter())
             if "loss" in logs:
                 line = step_line(state.global_step, state.max_steps, logs, elapsed, self.start_step)
-                print(f"[scalesft] {line}", flush=True)
+                say(line)
             elif "eval_loss" in logs:
-                print(f"[scalesft] eval at step {state.global_step}: loss {float(logs['eval_loss']):.4f}",
-                      flush=True)
+                say(f"eval at step {state.global_step}: loss {float(logs['eval_loss']):.4f}")
 
     return ConsoleCallback()
 

@@ -24,12 +24,13 @@ import os
 import re
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from .console import say
 
 COMPLETE_MARKER = "scalesft_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -150,8 +151,7 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
             if state.is_world_process_zero:
                 why = signal.Signals(self.signal_received).name if self.signal_received else "stop request"
-                print(f"[scalesft] {why}: all ranks stop after step {state.global_step}; saving a checkpoint",
-                      file=sys.stderr, flush=True)
+                say(f"{why}: all ranks stop after step {state.global_step}; saving a checkpoint", err=True)
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -229,9 +229,9 @@ def _guard(cb, abandon) -> None:
             except Exception as e:
                 dead.append(event)
                 _lost_trackers.append(name)
-                print(f"[scalesft] {name}.{event} failed ({type(e).__name__}: {str(e)[:160]}): its tracker is gone "
-                      "(a helper process killed?); logging to it stops here, training and checkpoints go on",
-                      file=sys.stderr, flush=True)
+                say(f"{name}.{event} failed ({type(e).__name__}: {str(e)[:160]}): its tracker is gone "
+                    "(a helper process killed?); logging to it stops here, training and checkpoints go on",
+                    err=True)
                 abandon()
                 return None
         return call

@@ -23,6 +23,8 @@ from typing import Any
 from scalesft.core.recipe import Recipe, RecipeError, load_recipe
 from scalesft.core.secrets import redacted
 
+from .console import say
+
 
 @dataclass(kw_only=True)
 class Resolved:
@@ -76,9 +78,9 @@ def load_data(recipe: Recipe, tokenizer, is_main: bool):
     train_set, eval_set, report = prepare(
         recipe.data, tokenizer, seed=recipe.training.seed, local_main=state.is_local_main_process,
         rank=state.process_index, timeout=recipe.training.ddp_timeout,
-        log=lambda line: print(f"[scalesft] {line}", flush=True))
+        log=lambda line: say(line))
     if is_main:
-        print(f"[scalesft] {report.line()}", flush=True)
+        say(report.line())
     return train_set, eval_set, report
 
 
@@ -199,13 +201,13 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
             print(line, flush=True)
         resolved_yaml = yaml.safe_dump(redacted(recipe.to_dict(), os.environ), allow_unicode=True, sort_keys=False)
         (out / "recipe.yaml").write_text(resolved_yaml)
-        print(f"[scalesft] resolved recipe written to {out / 'recipe.yaml'}", flush=True)
+        say(f"resolved recipe written to {out / 'recipe.yaml'}")
         if console.verbose():
             print(resolved_yaml, flush=True)
         if recipe.training.report_to == "wandb":
             env = wandb_environment(recipe, out)
             os.environ.update(env)
-            print(f"[scalesft] wandb run id {env['WANDB_RUN_ID']} (resume=allow)", flush=True)
+            say(f"wandb run id {env['WANDB_RUN_ID']} (resume=allow)")
     if r.batching.by_tokens:  # micro-batches of at most micro_batch_tokens: the accumulation follows the lengths
         from scalesft.core.batch import BatchError
 
@@ -221,11 +223,11 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
             raise RecipeError(str(e)) from None
     b = r.batch
     micro = f"micro_batch_tokens={b.micro_batch_tokens}" if r.batching.by_tokens else f"micro_batch={b.micro_batch_size}"
-    print(f"[scalesft] {s.log_line()} · {micro} grad_accum={b.gradient_accumulation_steps} "
-          f"global_batch={b.global_batch_size} precision={r.precision} liger={r.liger}", flush=True)
+    say(f"{s.log_line()} · {micro} grad_accum={b.gradient_accumulation_steps} "
+        f"global_batch={b.global_batch_size} precision={r.precision} liger={r.liger}")
     if is_main:
         for note in s.layout.notes:
-            print(f"[scalesft] {note}", flush=True)
+            say(note)
 
     args = sft_config(recipe, r, has_eval=eval_dataset is not None)
     model = load_model(recipe.model, recipe.quantization, dtype=r.compute_dtype, attn=r.attn_implementation,
@@ -254,16 +256,16 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     resume = plan.checkpoint
     if is_main:
         for path in preemption.remove_incomplete_after(out, resume):
-            print(f"[scalesft] removed incomplete checkpoint {path}", flush=True)
+            say(f"removed incomplete checkpoint {path}")
     if resume and is_main:
-        print(f"[scalesft] resuming from {resume}", flush=True)
+        say(f"resuming from {resume}")
     with run_record.save_errors(out, trainer):  # disk full / unwritable: one line, folder + free space
         trainer.train(resume_from_checkpoint=resume)
     if stopper.preempted(trainer.state):
         if is_main:
             preemption.write_status(f"preempted step={trainer.state.global_step}")
-            print(f"[scalesft] preempted at step {trainer.state.global_step} of {trainer.state.max_steps}: "
-                  f"checkpoint {latest_checkpoint(out)}; a restart resumes there", flush=True)
+            say(f"preempted at step {trainer.state.global_step} of {trainer.state.max_steps}: "
+                f"checkpoint {latest_checkpoint(out)}; a restart resumes there")
         _finish_wandb(recipe)
         return {"preempted": True, "global_step": trainer.state.global_step, "resumed_from": resume}
     with run_record.save_errors(out):
@@ -283,7 +285,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
     if samples and is_main:
         after = generate.answers(trainer.model, tokenizer, recipe, samples)
         result["samples"] = [{"prompt": p, "before": x, "after": y} for p, x, y in zip(samples, before, after)]
-        print("[scalesft] sample answers, before -> after training:", flush=True)
+        say("sample answers, before -> after training:")
         for row in result["samples"]:
             print(f"  Q {row['prompt']}  ·  before: {console.one_line(row['before'], 40)}  ·  after: "
                   f"{console.one_line(row['after'])}", flush=True)
@@ -292,7 +294,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         preemption.write_status(f"completed step={result['global_step']}")
         run_record.mark_completed(out, global_step=result["global_step"], **plan.run_length)
         for line in console.summary(result, str(out), samples[0] if samples else None):
-            print(f"[scalesft] {line}", flush=True)
+            say(line)
     _finish_wandb(recipe)
     return result
 

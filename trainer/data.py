@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -541,6 +541,7 @@ class DataReport:
     tokens: int = 0
     loss_tokens: int = 0
     max_seq_length: int = 0
+    prepared: str = field(default="", compare=False)  # tokenized now (phase times) or from the cache
 
     def line(self) -> str:
         line = (f"data: {self.used:,} of {self.rows:,} rows, {self.tokens:,} tokens, "
@@ -550,7 +551,7 @@ class DataReport:
         if self.dropped_prompt_too_long:
             line += (f"; {self.dropped_prompt_too_long:,} rows dropped (prompt alone >= "
                      f"max_seq_length={self.max_seq_length})")
-        return line
+        return f"{line} · {self.prepared}" if self.prepared else line
 
 
 # ---------------------------------------------------------------- cache keys
@@ -726,6 +727,7 @@ def prepare(cfg: DataConfig, tokenizer, *, seed: int, local_main: bool = True, r
     if local_main:
         if (target / "report.json").is_file():
             dataset, report = _load_entry(target)
+            report.prepared = f"from the cache {target}"
         else:
             failed.unlink(missing_ok=True)
             try:
@@ -735,10 +737,9 @@ def prepare(cfg: DataConfig, tokenizer, *, seed: int, local_main: bool = True, r
                 check_rows(rows, cfg)
                 checked = time.perf_counter()
                 dataset, report = tokenize(rows, tokenizer, cfg, source=source)
-                if log:
-                    log(f"data prepared in {time.perf_counter() - start:.1f} s: read {len(rows)} rows "
-                        f"{loaded - start:.1f} s, checked {checked - loaded:.1f} s, tokenized "
-                        f"{time.perf_counter() - checked:.1f} s (cache {target})")
+                report.prepared = (f"prepared in {time.perf_counter() - start:.1f} s (read {loaded - start:.1f}, "
+                                   f"checked {checked - loaded:.1f}, tokenized {time.perf_counter() - checked:.1f}), "
+                                   f"cached in {target}")
             except RecipeError as e:
                 failed.parent.mkdir(parents=True, exist_ok=True)
                 failed.write_text(str(e))

@@ -21,8 +21,16 @@ def say(line: str, *, err: bool = False) -> None:
     """Print one `[scalesft] ...` line in a single write, so lines from several ranks sharing one pipe never
     interleave mid-line (print() writes the text and the newline separately, which shows under
     PYTHONUNBUFFERED=1, as batch systems and containers often set)."""
-    stream = sys.stderr if err else sys.stdout
-    stream.write(f"[scalesft] {line}\n")
+    _write(sys.stderr if err else sys.stdout, f"[scalesft] {line}\n")
+
+
+def error(line: str) -> None:
+    """The one `scalesft: error: ...` line of a failed rank, on stderr, in a single write like say()."""
+    _write(sys.stderr, f"scalesft: error: {line}\n")
+
+
+def _write(stream, text: str) -> None:
+    stream.write(text)
     stream.flush()
 
 

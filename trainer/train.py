@@ -355,7 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .console import VERBOSE_ENV, quiet
+    from .console import VERBOSE_ENV, error, quiet
 
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         from .resume import SaveError
 
         if int(os.environ.get("RANK", "0")) == 0 or isinstance(e, SaveError):
-            print(f"scalesft: error: {e}", file=sys.stderr, flush=True)
+            error(str(e))
         return 2
     except RuntimeError as e:  # a collective past training.ddp_timeout: the traceback, then one line naming it
         from .distributed import collective_timeout_line
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        print(f"scalesft: error: {line}", file=sys.stderr, flush=True)
+        error(line)
         return 1
     return 0
 

@@ -47,6 +47,7 @@ def quiet(rank: int | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # plain tqdm bars too (the one-time GGUF conversion's)
     os.environ.setdefault("ACCELERATE_LOG_LEVEL", "error")
     if "DS_ACCELERATOR" not in os.environ:
         try:

@@ -35,6 +35,27 @@ def test_summary_names_losses_eval_speed_adapter_and_next_commands():
                     "1,500 loss tokens/s, peak 3.6 GiB")
     assert where == "adapter: outputs/x"
     assert 'scalesft generate outputs/x "AI가 뭐지?"' in nxt and "scalesft chat outputs/x" in nxt
+    *_, nxt = summary(result, "outputs/x", "AI가 뭐지?", cli=".venv/bin/scalesft")
+    assert nxt.count(".venv/bin/scalesft ") == 3 and " scalesft " not in nxt.replace("/scalesft ", "")
+
+
+def test_next_commands_work_without_an_activated_venv(tmp_path):
+    """`./dev demo` runs the venv's scalesft without activating it: the closing `next:` line then names
+    `.venv/bin/scalesft` (a bare `scalesft` would be 'command not found'); once PATH finds that script, the name."""
+    from scalesft.trainer.console import cli_command
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text("")
+    (bin_dir / "scalesft").write_text("#!/bin/sh\n")
+    (bin_dir / "scalesft").chmod(0o755)
+    py = str(bin_dir / "python")
+    assert cli_command("/usr/bin:/bin", py, str(tmp_path)) == ".venv/bin/scalesft"
+    assert cli_command(f"{bin_dir}:/usr/bin", py, str(tmp_path)) == "scalesft"
+    elsewhere = tmp_path / "elsewhere"
+    assert cli_command("/usr/bin", py, str(elsewhere)) == str(bin_dir / "scalesft")  # not below: the full path
+    (bin_dir / "scalesft").unlink()  # no console script beside this Python (a bare checkout): the plain name
+    assert cli_command("/usr/bin", py, str(tmp_path)) == "scalesft"
 
 
 def _cli(*args, **kw):

@@ -156,8 +156,25 @@ def install(trainer) -> None:
     trainer.add_callback(console_callback())
 
 
-def summary(result: dict, output_dir: str, demo_question: str | None = None) -> list[str]:
-    """The closing lines: loss first -> last, eval loss before -> after, speed, where the adapter is, next. Pure."""
+def cli_command(path_env: str | None = None, executable: str | None = None, cwd: str | None = None) -> str:
+    """How the user types this environment's `scalesft`: the bare name when PATH finds this very script (the venv is
+    active), else its path (`.venv/bin/scalesft` after `./dev demo`, which runs it without activating)."""
+    import shutil
+    from pathlib import Path
+
+    script = Path(executable or sys.executable).parent / "scalesft"
+    found = shutil.which("scalesft", path=path_env if path_env is not None else os.environ.get("PATH", ""))
+    if not script.is_file() or (found and Path(found).resolve() == script.resolve()):
+        return "scalesft"
+    try:
+        return str(script.relative_to(cwd or os.getcwd()))
+    except ValueError:
+        return str(script)
+
+
+def summary(result: dict, output_dir: str, demo_question: str | None = None, cli: str = "scalesft") -> list[str]:
+    """The closing lines: loss first -> last, eval loss before -> after, speed, where the adapter is, next (each
+    command as `cli` spells it). Pure."""
     losses = [x["loss"] for x in result.get("train_loss", [])]
     evals = [x["loss"] for x in result.get("eval_loss", [])]
     head = f"done in {duration(result.get('wall_seconds') or 0)}: {result['global_step']} steps"
@@ -171,5 +188,5 @@ def summary(result: dict, output_dir: str, demo_question: str | None = None) -> 
         head += f", peak {result['peak_memory_gib']:.1f} GiB"
     q = demo_question or "질문을 입력하세요"
     return [head, f"adapter: {output_dir}",
-            f'next: scalesft generate {output_dir} "{q}"  |  scalesft chat {output_dir}  |  '
-            f"scalesft merge {output_dir} {output_dir}-merged"]
+            f'next: {cli} generate {output_dir} "{q}"  |  {cli} chat {output_dir}  |  '
+            f"{cli} merge {output_dir} {output_dir}-merged"]

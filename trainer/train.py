@@ -293,7 +293,7 @@ def train(recipe: Recipe, *, train_dataset=None, eval_dataset=None, callbacks=()
         metrics.write(out / "train_metrics.json", result)
         preemption.write_status(f"completed step={result['global_step']}")
         run_record.mark_completed(out, global_step=result["global_step"], **plan.run_length)
-        for line in console.summary(result, str(out), samples[0] if samples else None):
+        for line in console.summary(result, str(out), samples[0] if samples else None, console.cli_command()):
             say(line)
     _finish_wandb(recipe)
     return result

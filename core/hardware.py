@@ -74,6 +74,11 @@ def torch_dtype_name(prec: str) -> str:
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[prec]
 
 
+def quant_compute_dtype(requested: str, precision: str) -> str:
+    """quantization.compute_dtype as a torch dtype name: 'auto' follows the training precision."""
+    return torch_dtype_name(precision) if requested == "auto" else requested
+
+
 VARLEN_ATTN = "sdpa_varlen"
 """sdpa, except that padding-free batches run torch's variable-length flash attention per sequence (trainer/model.py)
 instead of one masked attention over the whole flattened row."""

@@ -12,7 +12,9 @@ line (trainer/distributed.py): one function, so the two cannot disagree.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from .hardware import Hardware, attention, untested
+
+from .hardware import Hardware, attention, quant_compute_dtype, untested
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StrategySpec:
@@ -90,9 +92,6 @@ def strategy_of(*, zero_stage: int | None, offload: bool = False, fsdp_version: 
     return found[0]
 
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Layout:
     """How one run is laid out on its processes: what `scalesft plan --json` shows under "layout" and what the
@@ -149,7 +148,6 @@ def layout(*, strategy: str, world_size: int, hw: Hardware, precision: str, bits
             f"quantization.bits=8 cannot run under {strategy}: LLM.int8 weights cannot be sharded "
             f"(only 4-bit weights can be stored in the compute dtype); use quantization.bits=4, or "
             f"--strategy ddp / zero2")
-    dtype = DTYPES[precision] if compute_dtype == "auto" else compute_dtype
     notes = []
     if not spec.fuses_lora:
         lora = "peft"
@@ -167,11 +165,12 @@ def layout(*, strategy: str, world_size: int, hw: Hardware, precision: str, bits
         notes.append(f"attention=sdpa: torch's varlen attention is off because {why}")
     checkpointing = "off" if not gradient_checkpointing else (
         "reentrant" if spec.reentrant_checkpointing else "non-reentrant")
+    storage = quant_compute_dtype(compute_dtype, precision) if spec.shards_weights else "uint8"  # bnb's default
     return Layout(
         strategy="single" if strategy == "ddp" and world_size == 1 else strategy,
         sharded=spec.shards_weights,
         device_map=None if spec.shards_weights or not (bits or hw.cuda) else "local_rank",
-        quant_storage=(dtype if spec.shards_weights else "uint8") if bits == 4 else None,
+        quant_storage=storage if bits == 4 else None,
         checkpointing=checkpointing,
         attention=attn,
         lora=lora,

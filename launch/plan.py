@@ -23,9 +23,9 @@ import sys
 from typing import Any
 
 from scalesft.core.batch import BatchError, nearest_global_batches, repeated_rows_per_epoch, steps_per_epoch
-from scalesft.core.hardware import precision as resolve_precision
+from scalesft.core.hardware import precision as resolve_precision, quant_compute_dtype
 from scalesft.core.memory import DEFAULT_GPU_GIB, choose_batching, plan_memory
-from scalesft.core.strategy import DTYPES, STRATEGIES, get_strategy, recipe_layout
+from scalesft.core.strategy import STRATEGIES, get_strategy, recipe_layout
 from scalesft.launch.preflight import check_rows, count_rows, train_rows, planned_hardware_here
 from scalesft.launch.render import LaunchError, render_launch
 
@@ -113,8 +113,8 @@ def plan_entries(recipe, *, recipe_path: str, overrides: list[str], nodes: list[
                 "layout_notes": list(layout_of[world].notes),
                 "quantization": {"bits": q.bits, "quant_type": q.quant_type if q.bits == 4 else None,
                                  "double_quant": q.double_quant if q.bits == 4 else None,
-                                 "compute_dtype": (DTYPES[precision] if q.compute_dtype == "auto" else
-                                                   q.compute_dtype) if q.bits else None},
+                                 "compute_dtype": quant_compute_dtype(q.compute_dtype, precision) if q.bits
+                                 else None},
                 "strategy_summary": spec.summary,
                 "memory": (memory := plan_memory(recipe, shape, strategy=strategy, world_size=world,
                                                  precision=precision, tokens=tokens)),

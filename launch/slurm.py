@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from scalesft.core.batch import BatchError
-from scalesft.core.strategy import STRATEGIES, get_strategy
+from scalesft.core.strategy import STRATEGIES, StrategyError, get_strategy
 from scalesft.launch.render import LaunchCommand, LaunchError, render_launch
 from scalesft.launch.run import exec_command, run_command
 
@@ -66,8 +66,11 @@ def render_sbatch(*, recipe: str | Path, overrides: list[str] | tuple[str, ...] 
     strategy: SCALESFT_STRATEGY (the template's default: ddp); each node renders its command from it, with the
     strategy's shipped configs unless accelerate_config / ds_config name others.
     python: the interpreter every node runs (default: the profile's, python3 on the job's PATH)."""
-    if strategy is not None and strategy not in STRATEGIES:
-        raise SlurmError(f"unknown strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
+    if strategy is not None:
+        try:
+            get_strategy(strategy)
+        except StrategyError as e:
+            raise SlurmError(str(e)) from None
     for name, value, low in (("nodes", nodes, 1), ("gpus_per_node", gpus_per_node, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise SlurmError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
@@ -352,8 +355,6 @@ def add_arguments(p) -> None:
     p.add_argument("--output", help="log file pattern (default slurm-%%x-%%j.out)")
     p.add_argument("--signal-seconds", type=int, help="USR1 this many seconds before the time limit (default 120)")
     p.add_argument("--profile", help="cluster profile: a name in slurm/profiles/ or a path (default: default)")
-    from scalesft.core.strategy import STRATEGIES
-
     p.add_argument("--strategy", default="ddp", choices=list(STRATEGIES))
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch option, repeatable")
     mode = p.add_mutually_exclusive_group(required=True)
@@ -363,8 +364,6 @@ def add_arguments(p) -> None:
 
 def run_cli(args) -> int:
     """`scalesft slurm`: check, render, then print (--dry-run) or submit (--submit)."""
-    from scalesft.core.strategy import StrategyError
-
     try:
         return _run_cli(args)
     except (SlurmError, StrategyError) as e:

@@ -26,7 +26,7 @@ from scalesft.core.batch import BatchError, nearest_global_batches, repeated_row
 from scalesft.core.hardware import precision as resolve_precision, quant_compute_dtype
 from scalesft.core.memory import DEFAULT_GPU_GIB, choose_batching, plan_memory
 from scalesft.core.strategy import STRATEGIES, get_strategy, recipe_layout
-from scalesft.launch.preflight import check_rows, count_rows, train_rows, planned_hardware_here
+from scalesft.launch.preflight import check_rows, count_rows, planned_hardware_here, train_rows
 from scalesft.launch.render import LaunchError, render_launch
 
 
